@@ -1,0 +1,85 @@
+"""GPT-2 hook map (transformers 5 ``GPT2LMHeadModel``), kept as data.
+
+Facts it encodes: ``GPT2Block`` returns a tensor (``hook_resid_post`` is the block's
+output; ``output_hidden_states[-1]`` is after ``ln_f`` and is not it); ``hook_resid_mid``
+has no module boundary (``ln_2``'s input is not the residual the block adds to), so it
+is the attention output plus the block input; ``hook_z`` is the input of
+``attn.c_proj`` split head-major into ``[n_heads, d_head]``; ``hook_pattern`` is the
+second output of ``attn`` and exists only under eager attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saebridge.hookmap.site import HookMap, Site
+
+def tl_weights(sd: dict[str, torch.Tensor], n_heads: int) -> dict[str, torch.Tensor]:
+    """GPT-2 weights (HF ``state_dict`` keys, ``transformer.`` prefix optional) in
+    TransformerLens layout, unprocessed. Pure tensor reshapes: no backend is imported.
+
+    >>> # tl_weights(hf_model.state_dict(), hf_model.config.n_head)["blocks.0.attn.W_V"].shape
+    """
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    d_model = sd["wte.weight"].shape[1]
+    d_head = d_model // n_heads
+    out = {"embed.W_E": sd["wte.weight"], "pos_embed.W_pos": sd["wpe.weight"]}
+    n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
+    for layer in range(n_layers):
+        hf, tl = f"h.{layer}.", f"blocks.{layer}."
+        out[tl + "ln1.w"], out[tl + "ln1.b"] = sd[hf + "ln_1.weight"], sd[hf + "ln_1.bias"]
+        out[tl + "ln2.w"], out[tl + "ln2.b"] = sd[hf + "ln_2.weight"], sd[hf + "ln_2.bias"]
+        w_qkv_D3D = sd[hf + "attn.c_attn.weight"]
+        b_qkv_3D = sd[hf + "attn.c_attn.bias"]
+        for i, name in enumerate("QKV"):
+            w_DD = w_qkv_D3D[:, i * d_model:(i + 1) * d_model]
+            out[tl + f"attn.W_{name}"] = w_DD.reshape(d_model, n_heads, d_head).permute(1, 0, 2)
+            out[tl + f"attn.b_{name}"] = b_qkv_3D[i * d_model:(i + 1) * d_model].reshape(
+                n_heads, d_head)
+        out[tl + "attn.W_O"] = sd[hf + "attn.c_proj.weight"].reshape(n_heads, d_head, d_model)
+        out[tl + "attn.b_O"] = sd[hf + "attn.c_proj.bias"]
+        out[tl + "mlp.W_in"], out[tl + "mlp.b_in"] = sd[hf + "mlp.c_fc.weight"], sd[hf + "mlp.c_fc.bias"]
+        out[tl + "mlp.W_out"] = sd[hf + "mlp.c_proj.weight"]
+        out[tl + "mlp.b_out"] = sd[hf + "mlp.c_proj.bias"]
+    out["ln_final.w"], out["ln_final.b"] = sd["ln_f.weight"], sd["ln_f.bias"]
+    unembed = sd.get("lm_head.weight", sd["wte.weight"])  # tied when absent
+    out["unembed.W_U"] = unembed.T
+    out["unembed.b_U"] = torch.zeros(unembed.shape[0], dtype=unembed.dtype, device=unembed.device)
+    return out
+
+
+BLOCK = "h.{layer}"
+
+GPT2 = HookMap(
+    architectures=("GPT2LMHeadModel", "GPT2Model"),
+    config={"n_layers": "n_layer", "n_heads": "n_head", "d_model": "n_embd",
+            "d_vocab": "vocab_size"},
+    prefixes=("transformer.", ""),
+    tl_weights=tl_weights,
+    before_blocks={
+        "hook_embed": Site("wte", "output", kind="write"),
+        "hook_pos_embed": Site("wpe", "output", kind="write"),
+    },
+    block={
+        "hook_resid_pre": Site(BLOCK, "input", kind="resid", kwarg="hidden_states"),
+        "ln1.hook_normalized": Site(f"{BLOCK}.ln_1", "output", kind="ln1"),
+        "attn.hook_q": Site(f"{BLOCK}.attn.c_attn", "output", layout="qkv:0"),
+        "attn.hook_k": Site(f"{BLOCK}.attn.c_attn", "output", layout="qkv:1"),
+        "attn.hook_v": Site(f"{BLOCK}.attn.c_attn", "output", kind="v", layout="qkv:2"),
+        "attn.hook_pattern": Site(f"{BLOCK}.attn", "output", index=1, writable=False,
+                                  requires='attn_implementation="eager"'),
+        "attn.hook_z": Site(f"{BLOCK}.attn.c_proj", "input", kind="v", layout="heads"),
+        "hook_attn_out": Site(f"{BLOCK}.attn", "output", kind="write", index=0),
+        "hook_resid_mid": Site(f"{BLOCK}.attn", "output", kind="resid", index=0,
+                               residual_from=BLOCK),
+        "ln2.hook_normalized": Site(f"{BLOCK}.ln_2", "output", kind="ln2"),
+        "mlp.hook_pre": Site(f"{BLOCK}.mlp.c_fc", "output"),
+        "mlp.hook_post": Site(f"{BLOCK}.mlp.c_proj", "input"),
+        "hook_mlp_out": Site(f"{BLOCK}.mlp", "output", kind="write"),
+        "hook_resid_post": Site(BLOCK, "output", kind="resid"),
+    },
+    after_blocks={
+        "ln_final.hook_normalized": Site("ln_f", "output", kind="ln_final"),
+    },
+)
+

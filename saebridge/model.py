@@ -1,0 +1,246 @@
+"""The common front: one model API over every backend.
+
+:class:`Model` never mutates the wrapped model. Attached SAEs live in the wrapper and
+are applied by the engine on each forward pass, so there are no on/off flags to forget
+and nothing to restore when a forward raises: every hook the adapter adds is removed in
+a ``finally``. One forward pass runs at a time per wrapper (a lock); concurrent callers wait.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from saebridge.errors import SpaceConversionError, TokensError, UnknownHookError, unknown
+from saebridge.hookmap.convert import (
+    TRACKED_SITES,
+    Affine,
+    RawMeanTracker,
+    conversion,
+    needs_tracker,
+)
+from saebridge.hookmap.space import CANONICAL, ActivationSpace
+from saebridge.interventions import Intervention, SiteContext, Splice, _Observe
+
+if TYPE_CHECKING:
+    from saebridge.backends import Adapter, SiteFn
+    from saebridge.sae import SAE
+
+Tensor = torch.Tensor
+TokensLike = Tensor | str | Sequence[str]
+
+
+class ActivationCache(dict[str, Tensor]):
+    """Cache keyed by canonical hook names; an unknown key lists the nearest ones."""
+
+    def __missing__(self, key: str) -> Tensor:
+        raise UnknownHookError(unknown("cache key", key, self.keys(),
+                                       "Ask for the hook in names=... when running."))
+
+
+class Model:
+    """A wrapped model of any backend (see :func:`saebridge.wrap`)."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self._adapter = adapter
+        self._attached: list[Splice] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (f"saebridge.Model(backend={self.backend!r}, space={self.space.name!r}, "
+                f"saes={[s.hook for s in self._attached]})")
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend, e.g. ``"hf"`` or ``"transformer_lens"``."""
+        return self._adapter.backend
+
+    @property
+    def space(self) -> ActivationSpace:
+        """The activation space this model computes in."""
+        return self._adapter.space
+
+    @property
+    def adapter(self) -> Adapter:
+        return self._adapter
+
+    def hook_names(self) -> list[str]:
+        """Canonical (TransformerLens) hook names of this model, in execution order."""
+        return self._adapter.hook_names()
+
+    # ---- tokens -----------------------------------------------------------------------
+
+    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = True) -> Tensor:
+        """Token ids ``[batch, pos]``, with the BOS token first (the policy of every backend).
+
+        >>> # model.to_tokens("Hello world")  # tensor([[bos, ...]])
+        """
+        tok = self._adapter.tokenizer
+        if tok is None:
+            raise TokensError(f"the {self.backend} model has no tokenizer, so text {text!r} "
+                              "cannot be tokenised. Pass token ids, or wrap(model, tokenizer=...).")
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if prepend_bos:
+            ids = [[bos, *row] for row in ids]
+        if len({len(row) for row in ids}) != 1:
+            raise TokensError(f"texts tokenise to different lengths {[len(r) for r in ids]}; "
+                              "pass them one at a time or as an equal-length token tensor.")
+        return torch.tensor(ids, dtype=torch.long, device=self._adapter.device)
+
+    def _tokens(self, tokens: TokensLike) -> Tensor:
+        if isinstance(tokens, str) or (isinstance(tokens, Sequence) and tokens
+                                       and isinstance(tokens[0], str)):
+            return self.to_tokens(tokens)  # type: ignore[arg-type]
+        if not isinstance(tokens, Tensor):
+            raise TokensError(f"tokens must be a LongTensor [batch, pos] or text, got "
+                              f"{type(tokens).__name__}.")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TokensError(f"tokens must be integer ids, got dtype {tokens.dtype}. "
+                              "Pass token ids (torch.long), not embeddings or floats.")
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(0)
+        if tokens.dim() != 2 or tokens.numel() == 0:
+            raise TokensError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}.")
+        bad = (tokens < 0) | (tokens >= self._adapter.d_vocab)
+        if bad.any():
+            raise TokensError(f"token id {int(tokens[bad][0])} is out of the vocabulary "
+                              f"[0, {self._adapter.d_vocab}). Tokenise with this model's tokenizer.")
+        return tokens.long().to(self._adapter.device)
+
+    # ---- the engine ---------------------------------------------------------------------
+
+    def _plan(self, tokens: Tensor, ops: list[Intervention], cache: ActivationCache | None,
+              names: Iterable[str]) -> dict[str, SiteFn]:
+        a = self._adapter
+        by_site: dict[str, list[Any]] = {}
+        for op in ops:
+            kind = a.kind(op.hook)
+            if op.writes and not a.writable(op.hook):
+                raise UnknownHookError(
+                    f"hook {op.hook!r} can be read but not written on the {a.backend} backend "
+                    "(no module boundary carries it). Intervene at another hook.")
+            by_site.setdefault(op.hook, []).append(op)
+        stats = a.raw_stats()
+        tracker = None
+        needy = [op for op in ops if hasattr(op, "sae")
+                 and needs_tracker(a.kind(op.hook), a.space, op.sae.cfg.activation_space)]
+        if needy:
+            if stats is None:
+                raise SpaceConversionError(
+                    f"SAE at {needy[0].hook!r} was trained in space "
+                    f"{needy[0].sae.cfg.activation_space.name!r} but the {a.backend} model is "
+                    f"{a.space.name!r} and its unprocessed weights are unknown, so the raw "
+                    "residual mean cannot be rebuilt. Build the model with "
+                    "saebridge.adapters.transformer_lens.from_hf(), or wrap an unprocessed one.")
+            tracker = RawMeanTracker(stats, a.space, tokens)
+            for layer in range(a.n_layers):
+                for rel in TRACKED_SITES:
+                    name = f"blocks.{layer}.{rel}"
+                    by_site.setdefault(name, []).append(_Observe(name, tracker.observe))
+        if cache is not None:
+            for name in names:
+                by_site.setdefault(name, []).append(_Observe(name, self._cacher(cache)))
+                a.kind(name)  # validates the name before the run starts
+
+        def site_fn(name: str, site_ops: list[Any]) -> SiteFn:
+            kind = a.kind(name)
+
+            def convert(space: ActivationSpace, x: Tensor) -> Affine:
+                return conversion(name, kind, a.space, space, x, stats, tracker)
+
+            record = cache.__setitem__ if cache is not None else (lambda k, v: None)
+            ctx = SiteContext(name=name, kind=kind, convert=convert, record=record)
+
+            def fn(x: Tensor) -> Tensor:
+                for op in site_ops:
+                    x = op.apply(x, ctx)
+                return x
+            return fn
+
+        return {name: site_fn(name, site_ops) for name, site_ops in by_site.items()}
+
+    def _cacher(self, cache: ActivationCache):  # noqa: ANN202 - returns a closure
+        a, stats = self._adapter, self._adapter.raw_stats()
+
+        def store(name: str, x: Tensor) -> None:
+            conv = conversion(name, a.kind(name), a.space, CANONICAL, x, stats)
+            cache[name] = conv.forward(x).detach()
+        return store
+
+    def _run(self, tokens: TokensLike, ops: Sequence[Intervention],
+             names: Iterable[str] | None = None, cache: bool = False
+             ) -> tuple[Tensor, ActivationCache]:
+        toks = self._tokens(tokens)
+        store = ActivationCache() if cache else None
+        all_ops = [*self._attached, *ops]
+        with self._lock, torch.no_grad():
+            edits = self._plan(toks, all_ops, store,
+                               self.hook_names() if names is None else list(names))
+            logits = self._adapter.run(toks, edits)
+        return logits, store if store is not None else ActivationCache()
+
+    # ---- the public runs ------------------------------------------------------------------
+
+    def __call__(self, tokens: TokensLike) -> Tensor:
+        """Logits ``[batch, pos, d_vocab]`` (native), with any attached SAEs spliced in."""
+        return self._run(tokens, [])[0]
+
+    def run_with_saes(self, tokens: TokensLike, saes: Sequence[SAE] = (),
+                      use_error_term: bool = False) -> Tensor:
+        """Logits with ``saes`` spliced in for this call only (on top of attached ones).
+
+        >>> # logits = model.run_with_saes(tokens, saes=[sae])
+        """
+        return self._run(tokens, [Splice(s, use_error_term) for s in saes])[0]
+
+    def run_with_cache(self, tokens: TokensLike, names: Iterable[str] | None = None
+                       ) -> tuple[Tensor, ActivationCache]:
+        """Logits and a cache of ``names`` (default: every hook), keyed canonically and
+        holding values in the canonical space (TransformerLens-processed), whatever the
+        backend. A value is the one the model goes on with, after any edit at that hook."""
+        return self._run(tokens, [], names, cache=True)
+
+    def run_with_cache_with_saes(self, tokens: TokensLike, saes: Sequence[SAE] = (),
+                                 names: Iterable[str] | None = None,
+                                 use_error_term: bool = False
+                                 ) -> tuple[Tensor, ActivationCache]:
+        """Like :meth:`run_with_cache`, with SAEs spliced in; each adds
+        ``f"{hook}.hook_sae_input|acts_pre|acts_post|recons|error|output"`` (in the SAE's
+        own space) to the cache."""
+        return self._run(tokens, [Splice(s, use_error_term) for s in saes], names, cache=True)
+
+    def run_with_interventions(self, tokens: TokensLike,
+                               interventions: Sequence[Intervention]) -> Tensor:
+        """Logits with ``interventions`` (Steer, Ablate, Clamp, Splice, …) applied.
+
+        They run in the model's execution order, whatever order they are given in.
+        """
+        return self._run(tokens, list(interventions))[0]
+
+    # ---- stateful SAEs ------------------------------------------------------------------
+
+    def add_sae(self, sae: SAE, use_error_term: bool = False) -> None:
+        """Attach an SAE: every later run through this wrapper splices it in."""
+        self._adapter.kind(sae.cfg.hook_name)  # unknown hooks fail now, not mid-forward
+        self._attached.append(Splice(sae, use_error_term))
+
+    def reset_saes(self) -> None:
+        """Detach every attached SAE."""
+        self._attached.clear()
+
+    @contextmanager
+    def saes(self, saes: Sequence[SAE], use_error_term: bool = False) -> Iterator[Model]:
+        """Attach ``saes`` inside a ``with`` block; they are detached on exit, even on error."""
+        before = list(self._attached)
+        try:
+            for sae in saes:
+                self.add_sae(sae, use_error_term)
+            yield self
+        finally:
+            self._attached[:] = before
