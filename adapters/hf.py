@@ -113,9 +113,10 @@ class HFAdapter:
             for handle in handles:
                 handle.remove()
 
-    def _apply(self, t: Tensor, site: Site, fn: SiteFn, stash: dict[str, Tensor]) -> Tensor:
+    def _apply(self, t: Tensor, site: Site, fn: SiteFn, stash: dict[str, Tensor],
+               module: nn.Module) -> Tensor:
         layout = LAYOUTS[site.layout]
-        view = layout.read(t, self.n_heads)
+        view = layout.read(t, self.n_heads, module)
         residual = stash[site.residual_from] if site.residual_from else None
         if residual is not None:
             view = view + residual
@@ -124,16 +125,16 @@ class HFAdapter:
             return t
         if residual is not None:
             new = new - residual
-        return layout.write(t, new)
+        return layout.write(t, new, module)
 
     def _output_hook(self, fns: list[tuple[str, Site, SiteFn]], stash: dict[str, Tensor]):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             for _, site, fn in fns:
                 if site.index is None:
-                    output = self._apply(output, site, fn, stash)
+                    output = self._apply(output, site, fn, stash, module)
                 else:
                     items = list(output)
-                    items[site.index] = self._apply(items[site.index], site, fn, stash)
+                    items[site.index] = self._apply(items[site.index], site, fn, stash, module)
                     output = type(output)(items) if isinstance(output, tuple) else items
             return output
         return hook
@@ -142,10 +143,11 @@ class HFAdapter:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             for _, site, fn in fns:
                 if len(args) > site.arg:
-                    args = (*args[:site.arg], self._apply(args[site.arg], site, fn, {}),
+                    args = (*args[:site.arg], self._apply(args[site.arg], site, fn, {}, module),
                             *args[site.arg + 1:])
                 else:
-                    kwargs = {**kwargs, site.kwarg: self._apply(kwargs[site.kwarg], site, fn, {})}
+                    kwargs = {**kwargs, site.kwarg: self._apply(kwargs[site.kwarg], site, fn, {},
+                                                               module)}
             return args, kwargs
         return hook
 

@@ -8,6 +8,7 @@ the weights (:func:`detect_space`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,7 +77,15 @@ def from_hf(hf_model: Any, *, fold_ln: bool = True, center_writing_weights: bool
     sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
     weights = hmap.tl_weights(sd, cfg.n_heads)  # type: ignore[misc]
     stats = RawStats.from_tl_weights(weights)
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
+    model = HookedTransformer(cfg, tokenizer=None, move_to_device=True)
+    if tokenizer is not None:
+        # Not set_tokenizer(): it reloads the tokenizer by name_or_path, which may be a hub id
+        # (and fails for an in-memory one). The BOS policy is applied by TL's to_tokens.
+        if tokenizer.pad_token is None:  # TL's to_tokens pads; the user's tokenizer stays as is
+            tokenizer = copy.deepcopy(tokenizer)
+            tokenizer.pad_token = tokenizer.eos_token
+        model.tokenizer = tokenizer
+        model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
     model.load_and_process_state_dict(
         {k: v.to(cfg.device, cfg.dtype) for k, v in weights.items()}, fold_ln=fold_ln,
         center_writing_weights=center_writing_weights, center_unembed=center_unembed,

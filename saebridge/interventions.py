@@ -138,8 +138,8 @@ class _LatentEdit:
 
     sae: SAE
     features: Sequence[int] | int
-    positions: Positions = None
-    writes: bool = True
+    positions: Positions = field(default=None, kw_only=True)
+    writes: bool = field(default=True, kw_only=True)
 
     @property
     def hook(self) -> str:
@@ -188,18 +188,16 @@ class Clamp(_LatentEdit):
 class Steer:
     """Add ``coef * vector`` to the activation at ``hook`` (at ``positions``).
 
-    No space conversion is needed at residual, written and value sites: every activation
-    space there differs from the native one by a shift, and a shift does not change what
-    adding a vector does. (At the residual stream the shift is the mean over d_model,
-    and every reader of the stream is a LayerNorm that removes it.) A vector given in a
-    space whose map is not a shift (LayerNorm outputs under ``fold_ln``) is rescaled.
+    No space conversion is needed: at every site the activation spaces differ from the
+    native one by a shift, and a shift does not change what adding a vector does. (At the
+    residual stream the shift is the mean over d_model, and every reader of the stream
+    is a LayerNorm that removes it; at ``hook_z`` it is the value bias, a constant.)
     """
 
     hook: str
     vector: Tensor
     coef: float = 1.0
     positions: Positions = None
-    space: ActivationSpace | None = None
     head_index: int | None = None
     writes: bool = field(default=True, init=False)
 
@@ -211,8 +209,7 @@ class Steer:
         >>> # model.run_with_interventions(tokens, [Steer.from_sae(sae, 12, coef=4.0)])
         """
         return cls(hook=sae.cfg.hook_name, vector=sae.W_dec[feature].detach(), coef=coef,
-                   positions=positions, space=sae.cfg.activation_space,
-                   head_index=sae.cfg.hook_head_index)
+                   positions=positions, head_index=sae.cfg.hook_head_index)
 
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
         target = x[..., self.head_index, :] if self.head_index is not None else x
@@ -224,10 +221,6 @@ class Steer:
                 f"steering vector of shape {tuple(self.vector.shape)} does not fit hook "
                 f"{self.hook!r}, whose activations are {tuple(target.shape[2:])} per position. "
                 "Pass a vector of the site's width.")
-        if self.space is not None and ctx.kind.startswith("ln"):
-            conv = ctx.convert(self.space, x)
-            if not conv.is_translation:
-                vec = vec / conv.scale  # type: ignore[operator]
         out = x.clone()
         view = out[..., self.head_index, :] if self.head_index is not None else out
         view[_select(x, self.positions)] += self.coef * vec

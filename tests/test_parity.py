@@ -50,10 +50,13 @@ def margin(sae: sb.SAE, acts_pre: torch.Tensor) -> float:
         return min((top[..., -2] - top[..., -1]).min().item(), top[..., :-1].abs().min().item())
     if arch in ("jumprelu", "batchtopk"):
         return (acts_pre - sae.threshold).abs().min().item()
-    if arch == "gated":
-        x_gate = acts_pre  # gated records the gate pre-activation here? fall back to both
-        return x_gate.abs().min().item()
     return acts_pre.abs().min().item()
+
+
+def gate_margin(sae: sb.SAE, sae_input: torch.Tensor) -> float:
+    """Gated SAEs also switch on the gate pre-activation, which SAELens does not expose."""
+    x = sae_input - sae.b_dec if sae.cfg.apply_b_dec_to_input else sae_input
+    return (x @ sae.W_enc + sae.b_gate).abs().min().item()
 
 
 def run_all(models, device, fn):
@@ -68,9 +71,12 @@ def assert_same_logprobs(out: dict[str, torch.Tensor]) -> None:
 
 
 def _sae_margin_ok(models, device, sae, tokens) -> bool:
-    _, cache = models("hf", device).run_with_cache_with_saes(tokens, saes=[sae.to(device)],
-                                                             names=[])
-    return margin(sae, cache[f"{sae.cfg.hook_name}.hook_sae_acts_pre"].cpu()) > MARGIN
+    _, cache = models("hf", device).run_with_cache_with_saes(tokens, saes=[sae], names=[])
+    hook = sae.cfg.hook_name
+    gap = margin(sae, cache[f"{hook}.hook_sae_acts_pre"])
+    if sae.cfg.architecture == "gated":
+        gap = min(gap, gate_margin(sae, cache[f"{hook}.hook_sae_input"]))
+    return gap > MARGIN
 
 
 @given(sae=saes(), tokens=tokens_st, error_term=st.booleans())
@@ -127,3 +133,19 @@ def test_ablating_an_inactive_feature_changes_nothing(models, backend):
                                clean, atol=1e-5, rtol=0)
     assert (model.run_with_interventions(tokens, [sb.Ablate(sae, active)]) - clean).abs().max() \
         > 1e-4
+
+
+def test_space_conversion_matters(models):
+    """Without the conversion the answer is wrong: the same SAE weights labelled with the
+    wrong training space give different latents and log-probs on HF."""
+    tokens = models("hf").to_tokens("Sparse autoencoders find features")
+    right = sb.SAE.random("standard", 64, D_SAE, "blocks.1.hook_resid_post", seed=7,
+                          activation_space="tl-processed")
+    wrong = sb.SAE.random("standard", 64, D_SAE, "blocks.1.hook_resid_post", seed=7,
+                          activation_space="hf")
+    assert torch.equal(right.W_enc, wrong.W_enc)
+    ref = models("tl-processed").run_with_saes(tokens, [right]).log_softmax(-1)
+    good = models("hf").run_with_saes(tokens, [right]).log_softmax(-1)
+    bad = models("hf").run_with_saes(tokens, [wrong]).log_softmax(-1)
+    assert (good - ref).abs().max() <= TOL
+    assert (bad - ref).abs().max() > 100 * TOL

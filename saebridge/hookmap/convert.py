@@ -1,7 +1,7 @@
 """Converting activations between activation spaces, site by site.
 
-Every conversion here is an elementwise affine map ``x_dst = x_src * scale + shift``
-(:class:`Affine`). Splicing converts native → SAE space with it and writes back
+Every conversion here is a shift ``x_dst = x_src + shift`` (:class:`Affine`; the
+scale is kept for architectures whose spaces differ by more). Splicing converts native → SAE space with it and writes back
 ``affine.inverse(output)``: the reconstruction plus exactly what the SAE's space removed.
 
 Most conversions need only the activation and a few constants of the *unprocessed*
@@ -48,9 +48,6 @@ class RawStats:
     W_out_mean_LM: Tensor
     """Mean over d_model of the unprocessed ``W_out``."""
     b_out_mean_L: Tensor
-    ln_w: dict[str, Tensor]
-    """LayerNorm gains keyed ``blocks.L.ln1``, ``blocks.L.ln2``, ``ln_final``."""
-    ln_b: dict[str, Tensor]
 
     @classmethod
     def from_tl_weights(cls, w: Mapping[str, Tensor]) -> RawStats:
@@ -61,7 +58,6 @@ class RawStats:
         def stack(fn) -> Tensor:  # noqa: ANN001 - small local helper
             return torch.stack([fn(f"blocks.{i}.") for i in layers])
 
-        ln_names = [f"blocks.{i}.{n}" for i in layers for n in ("ln1", "ln2")] + ["ln_final"]
         with torch.no_grad():
             return cls(
                 embed_mean_V=w["embed.W_E"].mean(-1),
@@ -73,17 +69,10 @@ class RawStats:
                 b_O_mean_L=stack(lambda p: w[p + "attn.b_O"].mean()),
                 W_out_mean_LM=stack(lambda p: w[p + "mlp.W_out"].mean(-1)),
                 b_out_mean_L=stack(lambda p: w[p + "mlp.b_out"].mean()),
-                ln_w={n: w[n + ".w"] for n in ln_names},
-                ln_b={n: w[n + ".b"] for n in ln_names},
             )
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> RawStats:
-        def move(v):  # noqa: ANN001, ANN202
-            if isinstance(v, dict):
-                return {k: t.to(device, dtype) for k, t in v.items()}
-            return v.to(device, dtype)
-
-        return RawStats(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+        return RawStats(**{f.name: getattr(self, f.name).to(device, dtype) for f in fields(self)})
 
     def value_offset(self, layer: int, space: ActivationSpace) -> Tensor | float:
         """What ``space`` removed from ``hook_v``/``hook_z`` at ``layer``, per head."""
@@ -181,12 +170,16 @@ def conversion(
     """
     layer, _ = split(name)
     if kind in ("resid", "write"):
-        if src.center_writing_weights == dst.center_writing_weights:
-            return Affine()
         if dst.center_writing_weights:
+            # A centred space is centred by definition, also after an upstream edit wrote a
+            # non-centred vector into a centred stream; centring is idempotent otherwise.
             return Affine(shift=-x.mean(-1, keepdim=True))
+        if not src.center_writing_weights:
+            return Affine()
         if tracker is None:
             raise _missing(name, src, dst)
+        # A pure shift: writes go back as ``y - mean``, which keeps "raw = native + tracked
+        # mean" true downstream, whatever was written.
         return Affine(shift=tracker.mean(name).unsqueeze(-1))
     if kind == "v":
         if not (src.fold_value_biases or dst.fold_value_biases):
@@ -194,14 +187,6 @@ def conversion(
         if stats is None or layer is None:
             raise _missing(name, src, dst)
         return Affine(shift=stats.value_offset(layer, src) - stats.value_offset(layer, dst))
-    if kind in ("ln1", "ln2", "ln_final"):
-        if src.fold_ln == dst.fold_ln:
-            return Affine()
-        if stats is None:
-            raise _missing(name, src, dst)
-        key = "ln_final" if kind == "ln_final" else f"blocks.{layer}.{kind}"
-        w, b = stats.ln_w[key], stats.ln_b[key]
-        return Affine(shift=-b / w, scale=1 / w) if dst.fold_ln else Affine(shift=b, scale=w)
     return Affine()
 
 

@@ -5,7 +5,9 @@ output; ``output_hidden_states[-1]`` is after ``ln_f`` and is not it); ``hook_re
 has no module boundary (``ln_2``'s input is not the residual the block adds to), so it
 is the attention output plus the block input; ``hook_z`` is the input of
 ``attn.c_proj`` split head-major into ``[n_heads, d_head]``; ``hook_pattern`` is the
-second output of ``attn`` and exists only under eager attention.
+second output of ``attn`` and exists only under eager attention; TransformerLens's
+``ln*.hook_normalized`` is the LayerNorm output before its gain and bias, so it is read
+off the HF LayerNorm's output with them undone.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ GPT2 = HookMap(
     },
     block={
         "hook_resid_pre": Site(BLOCK, "input", kind="resid", kwarg="hidden_states"),
-        "ln1.hook_normalized": Site(f"{BLOCK}.ln_1", "output", kind="ln1"),
+        "ln1.hook_normalized": Site(f"{BLOCK}.ln_1", "output", layout="unaffine"),
         "attn.hook_q": Site(f"{BLOCK}.attn.c_attn", "output", layout="qkv:0"),
         "attn.hook_k": Site(f"{BLOCK}.attn.c_attn", "output", layout="qkv:1"),
         "attn.hook_v": Site(f"{BLOCK}.attn.c_attn", "output", kind="v", layout="qkv:2"),
@@ -72,14 +74,14 @@ GPT2 = HookMap(
         "hook_attn_out": Site(f"{BLOCK}.attn", "output", kind="write", index=0),
         "hook_resid_mid": Site(f"{BLOCK}.attn", "output", kind="resid", index=0,
                                residual_from=BLOCK),
-        "ln2.hook_normalized": Site(f"{BLOCK}.ln_2", "output", kind="ln2"),
+        "ln2.hook_normalized": Site(f"{BLOCK}.ln_2", "output", layout="unaffine"),
         "mlp.hook_pre": Site(f"{BLOCK}.mlp.c_fc", "output"),
         "mlp.hook_post": Site(f"{BLOCK}.mlp.c_proj", "input"),
         "hook_mlp_out": Site(f"{BLOCK}.mlp", "output", kind="write"),
         "hook_resid_post": Site(BLOCK, "output", kind="resid"),
     },
     after_blocks={
-        "ln_final.hook_normalized": Site("ln_f", "output", kind="ln_final"),
+        "ln_final.hook_normalized": Site("ln_f", "output", layout="unaffine"),
     },
 )
 

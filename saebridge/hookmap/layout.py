@@ -15,17 +15,25 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class Layout:
-    """Split ``qkv`` thirds (``part`` 0/1/2, or ``None`` for the whole tensor), then heads."""
+    """Split ``qkv`` thirds (``part`` 0/1/2, or ``None`` for the whole tensor), then heads;
+    or undo the hooked LayerNorm's gain and bias (``unaffine``): TransformerLens's
+    ``hook_normalized`` is ``(x - mean) / scale`` before ``w`` and ``b`` in every space,
+    while an HF LayerNorm's output has them applied."""
 
     part: int | None = None
     heads: bool = False
+    unaffine: bool = False
 
-    def read(self, t: Tensor, n_heads: int) -> Tensor:
+    def read(self, t: Tensor, n_heads: int, module: torch.nn.Module) -> Tensor:
+        if self.unaffine:
+            return (t - module.bias) / module.weight
         if self.part is not None:
             t = t.chunk(3, dim=-1)[self.part]
         return t.unflatten(-1, (n_heads, -1)) if self.heads else t
 
-    def write(self, t: Tensor, new: Tensor) -> Tensor:
+    def write(self, t: Tensor, new: Tensor, module: torch.nn.Module) -> Tensor:
+        if self.unaffine:
+            return new * module.weight + module.bias
         new = new.flatten(-2) if self.heads else new
         if self.part is None:
             return new
@@ -37,5 +45,6 @@ class Layout:
 LAYOUTS: dict[str, Layout] = {
     "flat": Layout(),
     "heads": Layout(heads=True),
+    "unaffine": Layout(unaffine=True),
     **{f"qkv:{i}": Layout(part=i, heads=True) for i in range(3)},
 }

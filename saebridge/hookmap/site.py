@@ -13,11 +13,11 @@ from typing import Literal
 
 import torch
 
-Kind = Literal["resid", "write", "v", "ln1", "ln2", "ln_final", "plain"]
+Kind = Literal["resid", "write", "v", "plain"]
 """How TransformerLens processing changes a site (see :mod:`saebridge.hookmap.convert`):
 ``resid`` and ``write`` are centred by ``center_writing_weights``; ``v`` loses the value
-bias under ``fold_value_biases``; ``ln*`` lose gain and bias under ``fold_ln``; ``plain``
-sites are the same in every space."""
+bias under ``fold_value_biases``; ``plain`` sites are the same in every space (``fold_ln``
+changes no hook: ``hook_normalized`` is taken before the gain and bias in every space)."""
 
 
 @dataclass(frozen=True)
