@@ -40,12 +40,13 @@ class HFAdapter:
         self.d_vocab = int(getattr(config, c["d_vocab"]))
         modules = dict(model.named_modules())
         probe = next(s for s in self.map.block.values() if isinstance(s, Site)).at(0).module
-        self.prefix = next((p for p in self.map.prefixes if p + probe in modules), None)
-        if self.prefix is None:
+        prefix = next((p for p in self.map.prefixes if p + probe in modules), None)
+        if prefix is None:
             raise UnknownHookError(
                 f"{type(model).__name__} has no module {probe!r} under any of the prefixes "
                 f"{self.map.prefixes} of the {arch} hook map; the model's layout is not the "
                 "one the map describes. Pass an unmodified transformers model.")
+        self.prefix: str = prefix
         self._modules = modules
         self._stats: RawStats | None = None
 
@@ -54,7 +55,10 @@ class HFAdapter:
         return next(self.model.parameters()).device
 
     def _eager(self) -> bool:
-        return getattr(self.model.config, "_attn_implementation", "eager") == "eager"
+        return self._attn() == "eager"
+
+    def _attn(self) -> str:
+        return str(getattr(self.model.config, "_attn_implementation", "eager"))
 
     def _available(self, site: Site) -> bool:
         return site.requires is None or self._eager()
@@ -68,7 +72,7 @@ class HFAdapter:
         if not self._available(site):
             raise UnknownHookError(
                 f"hook {name!r} needs the model loaded with {site.requires}; this model uses "
-                f"{self.model.config._attn_implementation!r} attention. Reload it with "
+                f"{self._attn()!r} attention. Reload it with "
                 f"{site.requires} to read this hook.")
         return site
 
@@ -105,7 +109,8 @@ class HFAdapter:
                     handles.append(mod.register_forward_pre_hook(
                         self._input_hook(fns), with_kwargs=True))
             # Registered last so they see inputs after any edit at the same module.
-            for path in {s.residual_from for g in groups.values() for _, s in g} - {None}:
+            for path in {s.residual_from for g in groups.values() for _, s in g
+                         if s.residual_from is not None}:
                 handles.append(self._module(path).register_forward_pre_hook(
                     _stash_input(path, stash), with_kwargs=True))
             return self.model(input_ids=tokens_BP, use_cache=False).logits
@@ -127,7 +132,7 @@ class HFAdapter:
             new = new - residual
         return layout.write(t, new, module)
 
-    def _output_hook(self, fns: list[tuple[str, Site, SiteFn]], stash: dict[str, Tensor]):  # noqa: ANN202
+    def _output_hook(self, fns: list[tuple[str, Site, SiteFn]], stash: dict[str, Tensor]):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             for _, site, fn in fns:
                 if site.index is None:
@@ -139,7 +144,7 @@ class HFAdapter:
             return output
         return hook
 
-    def _input_hook(self, fns: list[tuple[str, Site, SiteFn]]):  # noqa: ANN202
+    def _input_hook(self, fns: list[tuple[str, Site, SiteFn]]):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             for _, site, fn in fns:
                 if len(args) > site.arg:
@@ -152,7 +157,7 @@ class HFAdapter:
         return hook
 
 
-def _stash_input(path: str, stash: dict[str, Tensor]):  # noqa: ANN202
+def _stash_input(path: str, stash: dict[str, Tensor]):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         stash[path] = args[0] if args else kwargs["hidden_states"]
     return hook

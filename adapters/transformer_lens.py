@@ -156,7 +156,7 @@ class TLAdapter:
         return stats.to(self.device, self.model.cfg.dtype)
 
     def run(self, tokens_BP: Tensor, edits: Mapping[str, SiteFn]) -> Tensor:
-        def hook(fn: SiteFn):  # noqa: ANN202
+        def hook(fn: SiteFn):
             def tl_hook(x: Tensor, hook: Any) -> Tensor:
                 return fn(x)
             return tl_hook

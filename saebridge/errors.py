@@ -64,7 +64,7 @@ def nearest(name: str, valid: Iterable[str], n: int = 5) -> list[str]:
 
 
 def unknown(kind: str, name: str, valid: Iterable[str], hint: str) -> str:
-    """A uniform message for an unknown key: what, the bad value, the nearest valid ones, what to do."""
+    """A message for an unknown key: what, the bad value, the nearest valid ones, what to do."""
     valid = sorted(valid)
     suggestions = ", ".join(repr(v) for v in nearest(name, valid))
     return (

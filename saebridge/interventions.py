@@ -47,8 +47,13 @@ class SiteContext:
 class Intervention(Protocol):
     """Anything with a canonical ``hook`` and a pure ``apply`` at that hook."""
 
-    hook: str
-    writes: bool
+    @property
+    def hook(self) -> str: ...
+
+    @property
+    def writes(self) -> bool:
+        """Whether ``apply`` may change the activation (reads are allowed at read-only hooks)."""
+        ...
 
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor: ...
 

@@ -110,7 +110,8 @@ class Model:
         bad = (tokens < 0) | (tokens >= self._adapter.d_vocab)
         if bad.any():
             raise TokensError(f"token id {int(tokens[bad][0])} is out of the vocabulary "
-                              f"[0, {self._adapter.d_vocab}). Tokenise with this model's tokenizer.")
+                              f"[0, {self._adapter.d_vocab}). Tokenise with this model's "
+                              "tokenizer.")
         return tokens.long().to(self._adapter.device)
 
     # ---- the engine ---------------------------------------------------------------------
@@ -120,7 +121,7 @@ class Model:
         a = self._adapter
         by_site: dict[str, list[Any]] = {}
         for op in ops:
-            kind = a.kind(op.hook)
+            a.kind(op.hook)  # unknown hooks fail here, before the forward
             if op.writes and not a.writable(op.hook):
                 raise UnknownHookError(
                     f"hook {op.hook!r} can be read but not written on the {a.backend} backend "
@@ -165,7 +166,7 @@ class Model:
 
         return {name: site_fn(name, site_ops) for name, site_ops in by_site.items()}
 
-    def _cacher(self, cache: ActivationCache):  # noqa: ANN202 - returns a closure
+    def _cacher(self, cache: ActivationCache):
         a, stats = self._adapter, self._adapter.raw_stats()
 
         def store(name: str, x: Tensor) -> None:
@@ -178,7 +179,7 @@ class Model:
              ) -> tuple[Tensor, ActivationCache]:
         toks = self._tokens(tokens)
         store = ActivationCache() if cache else None
-        all_ops = [*self._attached, *ops]
+        all_ops: list[Intervention] = [*self._attached, *ops]
         with self._lock, torch.no_grad():
             edits = self._plan(toks, all_ops, store,
                                self.hook_names() if names is None else list(names))

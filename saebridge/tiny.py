@@ -47,8 +47,9 @@ def tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd,
                         n_layer=n_layer, n_head=n_head, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, attn_implementation="eager",
-                        architectures=["GPT2LMHeadModel"])
+                        eos_token_id=tokenizer.eos_token_id, architectures=["GPT2LMHeadModel"])
+    # Eager attention: the only implementation that returns attn.hook_pattern.
+    config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
     gen = torch.Generator().manual_seed(seed)

@@ -124,13 +124,13 @@ def test_cache_with_saes_has_saelens_keys(models, sae, backend):
 def test_errors_before_the_forward(models, backend):
     model = models(backend)
     bad = sb.SAE.random("standard", 64, 16, "blocks.0.hook_resid_pree")
-    with pytest.raises(UnknownHookError, match="blocks.0.hook_resid_pre"):
+    with pytest.raises(UnknownHookError, match=r"blocks\.0\.hook_resid_pre"):
         model.run_with_saes("Hello", saes=[bad])
     with pytest.raises(UnknownHookError):
         model.add_sae(bad)
     assert model._attached == []
     wide = sb.SAE.random("standard", 32, 16, "blocks.0.hook_resid_pre")
-    with pytest.raises(ShapeError, match="d_in=32.*width 64"):
+    with pytest.raises(ShapeError, match=r"d_in=32.*width 64"):
         model.run_with_saes("Hello", saes=[wide])
     assert _no_hooks_left(model)
 

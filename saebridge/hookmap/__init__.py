@@ -23,7 +23,8 @@ def register(hmap: HookMap) -> None:
         if arch in _MAPS:
             raise RegistryError(
                 f"architecture {arch!r} already has a hook map; registering a second one would "
-                "silently change where hooks go. Use a new architecture name or edit the existing map."
+                "silently change where hooks go. Use a new architecture name or edit the "
+                "existing map."
             )
     for arch in hmap.architectures:
         _MAPS[arch] = hmap

@@ -1,8 +1,9 @@
 """Converting activations between activation spaces, site by site.
 
 Every conversion here is a shift ``x_dst = x_src + shift`` (:class:`Affine`; the
-scale is kept for architectures whose spaces differ by more). Splicing converts native → SAE space with it and writes back
-``affine.inverse(output)``: the reconstruction plus exactly what the SAE's space removed.
+scale is kept for architectures whose spaces differ by more). Splicing converts native →
+SAE space with it and writes back ``affine.inverse(output)``: the reconstruction plus
+exactly what the SAE's space removed.
 
 Most conversions need only the activation and a few constants of the *unprocessed*
 weights (:class:`RawStats`). One does not: going from a centred residual stream back to
@@ -55,7 +56,7 @@ class RawStats:
         n_layers = 1 + max(int(k.split(".")[1]) for k in w if k.startswith("blocks."))
         layers = range(n_layers)
 
-        def stack(fn) -> Tensor:  # noqa: ANN001 - small local helper
+        def stack(fn) -> Tensor:
             return torch.stack([fn(f"blocks.{i}.") for i in layers])
 
         with torch.no_grad():

@@ -16,6 +16,7 @@ import torch
 
 from saebridge.hookmap.site import HookMap, Site
 
+
 def tl_weights(sd: dict[str, torch.Tensor], n_heads: int) -> dict[str, torch.Tensor]:
     """GPT-2 weights (HF ``state_dict`` keys, ``transformer.`` prefix optional) in
     TransformerLens layout, unprocessed. Pure tensor reshapes: no backend is imported.
@@ -40,7 +41,8 @@ def tl_weights(sd: dict[str, torch.Tensor], n_heads: int) -> dict[str, torch.Ten
                 n_heads, d_head)
         out[tl + "attn.W_O"] = sd[hf + "attn.c_proj.weight"].reshape(n_heads, d_head, d_model)
         out[tl + "attn.b_O"] = sd[hf + "attn.c_proj.bias"]
-        out[tl + "mlp.W_in"], out[tl + "mlp.b_in"] = sd[hf + "mlp.c_fc.weight"], sd[hf + "mlp.c_fc.bias"]
+        out[tl + "mlp.W_in"] = sd[hf + "mlp.c_fc.weight"]
+        out[tl + "mlp.b_in"] = sd[hf + "mlp.c_fc.bias"]
         out[tl + "mlp.W_out"] = sd[hf + "mlp.c_proj.weight"]
         out[tl + "mlp.b_out"] = sd[hf + "mlp.c_proj.bias"]
     out["ln_final.w"], out["ln_final.b"] = sd["ln_f.weight"], sd["ln_f.bias"]

@@ -26,20 +26,27 @@ class Layout:
 
     def read(self, t: Tensor, n_heads: int, module: torch.nn.Module) -> Tensor:
         if self.unaffine:
-            return (t - module.bias) / module.weight
+            return (t - _param(module, "bias")) / _param(module, "weight")
         if self.part is not None:
             t = t.chunk(3, dim=-1)[self.part]
         return t.unflatten(-1, (n_heads, -1)) if self.heads else t
 
     def write(self, t: Tensor, new: Tensor, module: torch.nn.Module) -> Tensor:
         if self.unaffine:
-            return new * module.weight + module.bias
+            return new * _param(module, "weight") + _param(module, "bias")
         new = new.flatten(-2) if self.heads else new
         if self.part is None:
             return new
         parts = list(t.chunk(3, dim=-1))
         parts[self.part] = new
         return torch.cat(parts, dim=-1)
+
+
+def _param(module: torch.nn.Module, name: str) -> Tensor:
+    value = getattr(module, name)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{type(module).__name__} has no tensor {name!r} to undo")
+    return value
 
 
 LAYOUTS: dict[str, Layout] = {
