@@ -55,13 +55,17 @@ class ActivationSpace:
     def parse(cls, value: ActivationSpace | str | Mapping[str, Any] | None) -> ActivationSpace:
         """A space from a name, a flag mapping, or ``None`` (TransformerLens defaults).
 
-        A mapping is read like SAELens's ``model_from_pretrained_kwargs``: flags it does
-        not mention keep TransformerLens's ``from_pretrained`` defaults (all on).
+        A mapping is read as SAELens reads ``model_from_pretrained_kwargs``: its
+        ``load_model`` calls ``from_pretrained_no_processing(**kwargs)``, so flags it does
+        not mention are off. ``None`` (the key absent, as in SAEs trained before SAELens
+        recorded it) means TransformerLens's ``from_pretrained`` defaults: all on.
 
         >>> ActivationSpace.parse("hf").center_writing_weights
         False
-        >>> ActivationSpace.parse({"center_writing_weights": False}).fold_ln
-        True
+        >>> ActivationSpace.parse({"fold_ln": True}).center_writing_weights
+        False
+        >>> ActivationSpace.parse(None).name
+        'tl-processed'
         """
         if isinstance(value, ActivationSpace):
             return value
@@ -75,7 +79,7 @@ class ActivationSpace:
                         "Pass one of these names or a mapping of TransformerLens processing flags.")
             )
         if isinstance(value, Mapping):
-            flags = {f: True for f in FLAGS}
+            flags = {f: False for f in FLAGS}
             for key, flag in value.items():
                 if key in FLAGS:
                     if not isinstance(flag, bool):
