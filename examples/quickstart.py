@@ -11,9 +11,9 @@ Run:  python examples/quickstart.py
 from __future__ import annotations
 
 import torch
-from saebridge.adapters.transformer_lens import from_hf
 
 import saebridge as sb
+from saebridge.adapters.transformer_lens import from_hf
 from saebridge.tiny import tiny_gpt2
 from saebridge.tolerance import logprob_atol
 
