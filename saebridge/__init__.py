@@ -20,6 +20,7 @@ from saebridge.hookmap.space import ActivationSpace
 from saebridge.interventions import Ablate, Clamp, Splice, Steer
 from saebridge.model import ActivationCache, Model
 from saebridge.sae import SAE, SAEConfig
+from saebridge.validation import Report, validate
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,5 @@ def wrap(obj: Any, **kwargs: Any) -> Model:
 
 
 __all__ = ["SAE", "Ablate", "ActivationCache", "ActivationSpace", "Clamp", "Model",
-           "SAEBridgeError", "SAEConfig", "Splice", "Steer", "errors", "wrap"]
+           "Report", "SAEBridgeError", "SAEConfig", "Splice", "Steer", "errors", "validate",
+           "wrap"]
