@@ -34,6 +34,7 @@ class HFAdapter:
         config = model.config
         arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
         self.model, self.tokenizer, self.map = model, tokenizer, hook_map(arch)
+        self.model_name: str | None = getattr(config, "_name_or_path", None) or None
         c = self.map.config
         self.n_layers = int(getattr(config, c["n_layers"]))
         self.n_heads = int(getattr(config, c["n_heads"]))

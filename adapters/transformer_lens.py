@@ -51,6 +51,7 @@ def tl_config(hf_config: Any) -> HookedTransformerConfig:
               for k, v in TL_CONFIG[arch].items()}
     fields["d_head"] = fields["d_model"] // fields["n_heads"]
     fields["d_mlp"] = getattr(hf_config, "n_inner", None) or 4 * fields["d_model"]
+    fields["model_name"] = getattr(hf_config, "_name_or_path", "") or "custom"
     return HookedTransformerConfig(original_architecture=arch, **fields)
 
 
@@ -130,6 +131,8 @@ class TLAdapter:
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         self.map = hook_map(model.cfg.original_architecture or "?")
         self.n_layers, self.d_vocab = model.cfg.n_layers, model.cfg.d_vocab
+        self.model_name: str | None = None if model.cfg.model_name == "custom" \
+            else model.cfg.model_name
         self.space = detect_space(model)
         self._names = [n for n in names(self.map, self.n_layers) if n in model.hook_dict]
 

@@ -37,6 +37,8 @@ class Adapter(Protocol):
     tokenizer: Any | None
     d_vocab: int
     n_layers: int
+    model_name: str | None
+    """The model's name or path where the backend records one (for mismatch warnings)."""
 
     def hook_names(self) -> list[str]:
         """Canonical names this model provides, in execution order."""

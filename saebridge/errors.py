@@ -56,6 +56,10 @@ class BackendNotInstalledError(SAEBridgeError, ImportError):
     """A backend whose optional package is not installed."""
 
 
+class ModelMismatchWarning(UserWarning):
+    """An SAE recorded a different ``model_name`` from the model it is used with."""
+
+
 def nearest(name: str, valid: Iterable[str], n: int = 5) -> list[str]:
     """The ``n`` valid names closest to ``name`` (for "did you mean" messages)."""
     valid = list(valid)

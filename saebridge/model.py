@@ -9,13 +9,20 @@ a ``finally``. One forward pass runs at a time per wrapper (a lock); concurrent 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from saebridge.errors import SpaceConversionError, TokensError, UnknownHookError, unknown
+from saebridge.errors import (
+    ModelMismatchWarning,
+    SpaceConversionError,
+    TokensError,
+    UnknownHookError,
+    unknown,
+)
 from saebridge.hookmap.convert import (
     TRACKED_SITES,
     Affine,
@@ -34,6 +41,19 @@ Tensor = torch.Tensor
 TokensLike = Tensor | str | Sequence[str]
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names (hub ids, paths, TransformerLens aliases) name one model.
+
+    >>> same_model("gpt2-small", "openai-community/gpt2"), same_model("gpt2", "pythia-70m")
+    (True, False)
+    """
+    def norm(name: str) -> str:
+        base = name.rstrip("/").rsplit("/", 1)[-1].lower()
+        return base.removesuffix("-small")  # TL calls HF's "gpt2" "gpt2-small"
+
+    return norm(a) == norm(b)
+
+
 class ActivationCache(dict[str, Tensor]):
     """Cache keyed by canonical hook names; an unknown key lists the nearest ones."""
 
@@ -49,6 +69,7 @@ class Model:
         self._adapter = adapter
         self._attached: list[Splice] = []
         self._lock = threading.Lock()
+        self._warned: set[tuple[str, str]] = set()
 
     def __repr__(self) -> str:
         return (f"saebridge.Model(backend={self.backend!r}, space={self.space.name!r}, "
@@ -174,12 +195,27 @@ class Model:
             cache[name] = conv.forward(x).detach()
         return store
 
+    def _check_model_name(self, ops: Iterable[Intervention]) -> None:
+        mine = self._adapter.model_name
+        for op in ops:
+            sae = getattr(op, "sae", None)
+            theirs = sae.cfg.model_name if sae is not None else None
+            if mine and theirs and not same_model(mine, theirs) \
+                    and (theirs, mine) not in self._warned:
+                self._warned.add((theirs, mine))
+                warnings.warn(
+                    f"SAE at {op.hook!r} was made for model {theirs!r}, but it is used with "
+                    f"{mine!r}. Its latents may mean nothing here; load the SAE made for this "
+                    "model, or ignore this warning if the names differ only in spelling.",
+                    ModelMismatchWarning, stacklevel=4)
+
     def _run(self, tokens: TokensLike, ops: Sequence[Intervention],
              names: Iterable[str] | None = None, cache: bool = False
              ) -> tuple[Tensor, ActivationCache]:
         toks = self._tokens(tokens)
         store = ActivationCache() if cache else None
         all_ops: list[Intervention] = [*self._attached, *ops]
+        self._check_model_name(all_ops)
         with self._lock, torch.no_grad():
             edits = self._plan(toks, all_ops, store,
                                self.hook_names() if names is None else list(names))
@@ -229,7 +265,9 @@ class Model:
     def add_sae(self, sae: SAE, use_error_term: bool = False) -> None:
         """Attach an SAE: every later run through this wrapper splices it in."""
         self._adapter.kind(sae.cfg.hook_name)  # unknown hooks fail now, not mid-forward
-        self._attached.append(Splice(sae, use_error_term))
+        splice = Splice(sae, use_error_term)
+        self._check_model_name([splice])
+        self._attached.append(splice)
 
     def reset_saes(self) -> None:
         """Detach every attached SAE."""

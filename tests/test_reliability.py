@@ -1,0 +1,207 @@
+"""Bad input gets a clear saebridge error and leaves no state behind, on every backend."""
+
+from __future__ import annotations
+
+import ast
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import saebridge as sb
+from saebridge import backends
+from saebridge.errors import BackendNotInstalledError, ModelMismatchWarning, SAEBridgeError
+
+BACKENDS = ["hf", "tl-processed", "tl-unprocessed"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _no_hooks_left(model: sb.Model) -> bool:
+    inner = model.adapter.model
+    if model.backend == "transformer_lens":
+        return all(not hp.fwd_hooks for hp in inner.hook_dict.values())
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in inner.modules())
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+class _RaiseAt:
+    """A user intervention that raises mid-forward."""
+
+    writes = True
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+
+    def apply(self, x, ctx):
+        raise _Boom(f"raised at {self.hook}")
+
+
+class _FailingSAE(sb.SAE):
+    """An SAE whose encoder raises (a bug in user SAE code)."""
+
+    def run(self, x):
+        raise _Boom("SAE failed")
+
+    def encode(self, x):
+        raise _Boom("SAE failed")
+
+
+@given(data=st.data())
+def test_a_raise_anywhere_leaves_no_state(models, data):
+    backend = data.draw(st.sampled_from(BACKENDS))
+    model = models(backend)
+    tokens = model.to_tokens("Hello world, hello model")
+    sites = [n for n in model.hook_names() if model.adapter.writable(n)
+             and n.split(".")[-1] in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post",
+                                      "hook_attn_out", "hook_mlp_out")]
+    site = data.draw(st.sampled_from(sites))
+    attached = sb.SAE.random("standard", 64, 32, "blocks.0.hook_resid_pre", seed=1)
+    model.add_sae(attached)
+    try:
+        before = model(tokens)
+        weights = {k: v.clone() for k, v in model.adapter.model.state_dict().items()}
+        source = data.draw(st.sampled_from(["intervention", "sae", "steer+raise"]))
+        if source == "intervention":
+            ops = [_RaiseAt(site)]
+        elif source == "steer+raise":
+            ops = [sb.Steer(site, torch.ones(64)), _RaiseAt(data.draw(st.sampled_from(sites)))]
+        else:
+            failing = _FailingSAE.random("standard", 64, 32, site, seed=2)
+            ops = [sb.Splice(failing)]
+        with pytest.raises(_Boom):
+            model.run_with_interventions(tokens, ops)
+        assert _no_hooks_left(model)
+        assert [s.hook for s in model._attached] == [attached.cfg.hook_name]
+        assert torch.equal(model(tokens), before)
+        for k, v in model.adapter.model.state_dict().items():
+            assert torch.equal(v, weights[k]), k
+    finally:
+        model.reset_saes()
+
+
+def test_model_name_mismatch_warns_naming_both(models):
+    model = models("hf")
+    model.adapter.model_name = "openai-community/gpt2"
+    try:
+        sae = sb.SAE.random("standard", 64, 16, "blocks.0.hook_resid_pre",
+                            model_name="pythia-70m")
+        with pytest.warns(ModelMismatchWarning, match=r"'pythia-70m'.*'openai-community/gpt2'"):
+            model.run_with_saes("Hello", saes=[sae])
+        ok = sb.SAE.random("standard", 64, 16, "blocks.0.hook_resid_pre",
+                           model_name="gpt2-small")
+        with _no_warning():
+            model.run_with_saes("Hello", saes=[ok])
+    finally:
+        model.adapter.model_name = None
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self.catch = warnings.catch_warnings()
+        self.catch.__enter__()
+        warnings.simplefilter("error", ModelMismatchWarning)
+
+    def __exit__(self, *exc):
+        self.catch.__exit__(*exc)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_sae_in_another_dtype_is_converted(models, backend, dtype):
+    """An SAE computes in its own dtype; its output is cast back to the model's."""
+    model = models(backend)
+    sae32 = sb.SAE.random("standard", 64, 64, "blocks.1.hook_resid_pre", seed=9)
+    other = sb.SAE.random("standard", 64, 64, "blocks.1.hook_resid_pre", seed=9).to(dtype)
+    tokens = model.to_tokens("Hello world")
+    ref = model.run_with_saes(tokens, [sae32]).log_softmax(-1)
+    out = model.run_with_saes(tokens, [other])
+    assert out.dtype == ref.dtype
+    tol = 1e-5 if dtype == torch.float64 else 0.5
+    assert (out.log_softmax(-1) - ref).abs().max() <= tol
+
+
+def test_missing_backend_package_names_the_extra(monkeypatch, models):
+    tl = models("tl-processed").adapter.model
+    real = backends.importlib.import_module
+
+    def fake(name, *args):
+        if name == "saebridge.adapters.transformer_lens":
+            raise ModuleNotFoundError("No module named 'transformer_lens'")
+        return real(name, *args)
+
+    monkeypatch.setattr(backends.importlib, "import_module", fake)
+    with pytest.raises(BackendNotInstalledError, match=r"pip install 'saebridge\[tl\]'"):
+        sb.wrap(tl)
+    with pytest.raises(ImportError):  # the builtin catches it too
+        sb.wrap(tl)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_threads_with_different_saes_both_get_their_results(models, backend):
+    model = models(backend)
+    tokens = model.to_tokens("Hello world, hello model")
+    saes = [sb.SAE.random("topk", 64, 64, f"blocks.{i}.hook_resid_post", k=4, seed=i)
+            for i in range(2)]
+    expected = [model.run_with_saes(tokens, [s]) for s in saes]
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def work(i: int) -> None:
+        for _ in range(5):
+            results[i].append(model.run_with_saes(tokens, [saes[i]]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert len(results[i]) == 5
+        assert all(torch.equal(r, expected[i]) for r in results[i])
+    assert _no_hooks_left(model)
+
+
+def _calls(tree: ast.AST) -> list[ast.Call]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+
+
+def _name(func: ast.expr) -> str:
+    parts = []
+    while isinstance(func, ast.Attribute):
+        parts.append(func.attr)
+        func = func.value
+    if isinstance(func, ast.Name):
+        parts.append(func.id)
+    return ".".join(reversed(parts))
+
+
+def test_package_never_unpickles_untrusted_code():
+    """Every torch.load passes weights_only=True; pickle.load(s) is never called."""
+    files = sorted((ROOT / "saebridge").rglob("*.py")) + sorted((ROOT / "adapters").rglob("*.py"))
+    assert len(files) > 10
+    for path in files:
+        for call in _calls(ast.parse(path.read_text())):
+            name = _name(call.func)
+            assert name not in ("pickle.load", "pickle.loads", "dill.load", "cloudpickle.load"), \
+                f"{path}:{call.lineno} calls {name}"
+            if name == "torch.load":
+                kw = {k.arg: k.value for k in call.keywords}
+                assert isinstance(kw.get("weights_only"), ast.Constant) \
+                    and kw["weights_only"].value is True, f"{path}:{call.lineno}: {name}"
+
+
+def test_every_error_is_a_saebridge_error_and_a_builtin():
+    from saebridge import errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type)
+               and issubclass(c, SAEBridgeError) and c is not SAEBridgeError]
+    assert len(classes) >= 8
+    for cls in classes:
+        assert issubclass(cls, KeyError | ValueError | ImportError), cls
