@@ -7,14 +7,14 @@ Every handle is removed in ``finally``, so a forward that raises leaves no hook 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from saebridge.backends import SiteFn
-from saebridge.errors import UnknownHookError
+from saebridge.errors import UnknownHookError, UnsupportedArchitectureError
 from saebridge.hookmap import hook_map, names, resolve
 from saebridge.hookmap.convert import RawStats
 from saebridge.hookmap.layout import LAYOUTS
@@ -38,6 +38,11 @@ class HFAdapter:
         c = self.map.config
         self.n_layers = int(getattr(config, c["n_layers"]))
         self.n_heads = int(getattr(config, c["n_heads"]))
+        # q/k/v/z split by d_head: grouped-query k/v have fewer heads than q.
+        self.d_head = int(getattr(config, c.get("d_head", ""), None)
+                          or getattr(config, c["d_model"]) // self.n_heads)
+        self.map.check_config(config)
+        refuse_bridged(model)
         self.d_vocab = int(getattr(config, c["d_vocab"]))
         modules = dict(model.named_modules())
         probe = next(s for s in self.map.block.values() if isinstance(s, Site)).at(0).module
@@ -48,6 +53,8 @@ class HFAdapter:
                 f"{self.map.prefixes} of the {arch} hook map; the model's layout is not the "
                 "one the map describes. Pass an unmodified transformers model.")
         self.prefix: str = prefix
+        if self.map.norms_removed(modules, prefix):  # LayerNorm-free: nothing is centred
+            self.map = self.map.without_norms()
         self._modules = modules
         self._stats: RawStats | None = None
 
@@ -93,7 +100,34 @@ class HFAdapter:
         return self._modules[self.prefix + path]
 
     def run(self, tokens_BP: Tensor, edits: Mapping[str, SiteFn]) -> Tensor:
-        order = {n: i for i, n in enumerate(names(self.map, self.n_layers))}
+        return self._hooked(edits, lambda: self.model(input_ids=tokens_BP, use_cache=False).logits)
+
+    def generate(self, tokens_BP: Tensor, edits_for: Callable[[Tensor], Mapping[str, SiteFn]],
+                 max_new_tokens: int) -> Tensor:
+        """Greedy tokens from the model's ``generate`` with the hooks in place (no KV cache,
+        no stop at EOS); a pre-hook on the model plans each forward from its tokens."""
+        current: dict[str, SiteFn] = dict(edits_for(tokens_BP))
+
+        def plan(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            current.clear()
+            current.update(edits_for(kwargs["input_ids"] if "input_ids" in kwargs else args[0]))
+
+        config: Any = self.model.generation_config
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        handle = self.model.register_forward_pre_hook(plan, with_kwargs=True, prepend=True)
+        try:
+            model: Any = self.model
+            return self._hooked({name: _current(current, name) for name in current},
+                                lambda: model.generate(
+                                    input_ids=tokens_BP, attention_mask=torch.ones_like(tokens_BP),
+                                    max_new_tokens=max_new_tokens, do_sample=False,
+                                    use_cache=False, eos_token_id=None, pad_token_id=pad or 0))
+        finally:
+            handle.remove()
+
+    def _hooked(self, edits: Mapping[str, SiteFn], call: Callable[[], Any]) -> Any:
+        """``call()`` with ``edits`` hooked in; every hook is removed afterwards."""
+        order = {n: i for i, n in enumerate(self._order())}
         groups: dict[tuple[str, str], list[tuple[str, Site]]] = {}
         for name in sorted(edits, key=order.__getitem__):
             site = self.site(name)
@@ -114,15 +148,19 @@ class HFAdapter:
                          if s.residual_from is not None}:
                 handles.append(self._module(path).register_forward_pre_hook(
                     _stash_input(path, stash), with_kwargs=True))
-            return self.model(input_ids=tokens_BP, use_cache=False).logits
+            return call()
         finally:
             for handle in handles:
                 handle.remove()
 
+    def _order(self) -> list[str]:
+        """Every canonical name in execution order (edits at one module run in this order)."""
+        return names(self.map, self.n_layers)
+
     def _apply(self, t: Tensor, site: Site, fn: SiteFn, stash: dict[str, Tensor],
                module: nn.Module) -> Tensor:
         layout = LAYOUTS[site.layout]
-        view = layout.read(t, self.n_heads, module)
+        view = layout.read(t, self.n_heads, module, self.d_head)
         residual = stash[site.residual_from] if site.residual_from else None
         if residual is not None:
             view = view + residual
@@ -156,6 +194,33 @@ class HFAdapter:
                                                                module)}
             return args, kwargs
         return hook
+
+
+def refuse_bridged(model: nn.Module) -> None:
+    """Refuse an HF model that a TransformerLens ``TransformerBridge`` was built around.
+
+    Building a bridge replaces the model's modules in place with bridge components (GPT-2's
+    ``c_attn`` becomes separate q/k/v), and ``enable_compatibility_mode()`` then rewrites
+    its weights in place (LayerNorm folded, writing weights centred), so its hooks and
+    numbers are no longer the HF model's.
+
+    Raises:
+        UnsupportedArchitectureError: naming the replaced module and what to do instead.
+    """
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith("transformer_lens.model_bridge"):
+            raise UnsupportedArchitectureError(
+                f"this {type(model).__name__} was processed in place by a TransformerLens "
+                f"TransformerBridge: its module {name!r} is now a "
+                f"{type(module).__name__}, and if enable_compatibility_mode() ran, its "
+                "weights were folded and centred too, so it no longer computes the HF "
+                "model's activations. Wrap the bridge instead (sb.wrap(bridge)), or reload "
+                "the HF model; build bridges with saebridge.adapters.tl_bridge.bridge_from_hf"
+                "(hf_model), which works on a copy.")
+
+
+def _current(current: dict[str, SiteFn], name: str) -> SiteFn:
+    return lambda x: current[name](x)
 
 
 def _stash_input(path: str, stash: dict[str, Tensor]):

@@ -61,6 +61,11 @@ class Adapter(Protocol):
         """Logits of a forward pass with ``edits`` applied; leaves no hook behind."""
         ...
 
+    # Optional: ``generate(tokens_BP, edits_for, max_new_tokens) -> tokens`` decodes greedily
+    # through the backend's own generation (no KV cache, no stop at EOS), applying
+    # ``edits_for(tokens)`` in every forward; without it :meth:`Model.generate` loops over
+    # ``run``. Optional: ``front``, a Model subclass :func:`saebridge.wrap` returns for it.
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -95,15 +100,19 @@ def find(obj: object) -> Backend:
     for backend in _BACKENDS.values():
         if any(p.startswith(prefix) for p in paths for prefix in backend.classes):
             return backend
-    supported = "; ".join(f"{b.name}: {', '.join(b.classes)}" for b in _BACKENDS.values())
+    supported = "; ".join(f"{b.name}: {', '.join(b.classes)}" for b in _BACKENDS.values()
+                          if b.classes)
     raise UnsupportedArchitectureError(
         f"cannot wrap an object of type {type(obj).__module__}.{type(obj).__qualname__}: no "
-        f"backend handles it. Supported: {supported}. Pass one of these, or register a Backend.")
+        f"backend handles it. Supported: {supported}. Pass one of these, pass "
+        "hookmap={canonical name: sb.HookSpec(module path, ...)} for any nn.Module, or "
+        "register a Backend.")
 
 
 def build(obj: object, **kwargs: Any) -> Adapter:
     """An adapter for ``obj``, importing the backend's adapter module on demand."""
-    backend = find(obj)
+    # A user-supplied hook map makes any nn.Module wrappable, whatever its class.
+    backend = _BACKENDS["module"] if "hookmap" in kwargs else find(obj)
     module_name, attr = backend.adapter.split(":")
     try:
         module = importlib.import_module(module_name)
@@ -116,5 +125,12 @@ def build(obj: object, **kwargs: Any) -> Adapter:
 
 register(Backend("transformer_lens", ("transformer_lens.HookedTransformer.HookedTransformer",),
                  "saebridge.adapters.transformer_lens:TLAdapter", "tl"))
+register(Backend("transformer_bridge",
+                 ("transformer_lens.model_bridge.bridge.TransformerBridge",  # TL 3.x
+                  "transformer_lens.model_bridge.transformer_bridge.TransformerBridge"),  # 4.x
+                 "saebridge.adapters.tl_bridge:BridgeAdapter", "tl"))
+register(Backend("module", (), "saebridge.adapters.module:ModuleAdapter", "hf"))  # hookmap=
 register(Backend("hf", ("transformers.modeling_utils.PreTrainedModel",),
                  "saebridge.adapters.hf:HFAdapter", "hf"))
+register(Backend("nnsight", ("nnsight.intervention.envoy.Envoy",),  # NNsight, LanguageModel, …
+                 "saebridge.adapters.nnsight:adapter_for", "nnsight"))

@@ -56,6 +56,11 @@ class BackendNotInstalledError(SAEBridgeError, ImportError):
     """A backend whose optional package is not installed."""
 
 
+class TraceOrderError(SAEBridgeError, ValueError):
+    """A hook asked for in a trace after the forward pass went past it, or never reached
+    (a hook name that is not valid at that point of the block)."""
+
+
 class ModelMismatchWarning(UserWarning):
     """An SAE recorded a different ``model_name`` from the model it is used with."""
 

@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from saebridge.errors import ShapeError
-from saebridge.hookmap.convert import Affine
+from saebridge.errors import SAEConfigError, ShapeError, SpaceConversionError, UnknownHookError
+from saebridge.hookmap import split
+from saebridge.hookmap.convert import Affine, RawStats
 from saebridge.hookmap.site import Kind
 from saebridge.hookmap.space import ActivationSpace
 
 if TYPE_CHECKING:
-    from saebridge.sae import SAE
+    from saebridge.sae import SAE, SAEActivations
+    from saebridge.sae.transcoder import Transcoder
 
 Tensor = torch.Tensor
 Positions = int | Sequence[int] | slice | None
@@ -42,6 +44,9 @@ class SiteContext:
     """``convert(space, x)``: the affine map from the native space to ``space`` at this site."""
     record: Callable[[str, Tensor], None]
     """``record(key, value)``: store a cache entry (a no-op when nothing is cached)."""
+    raw_stats: RawStats | None = None
+    """Constants of the model's unprocessed weights, where known (LayerNorm gains for
+    transcoders that read a LayerNorm's output)."""
 
 
 class Intervention(Protocol):
@@ -213,7 +218,9 @@ class Steer:
 
         >>> # model.run_with_interventions(tokens, [Steer.from_sae(sae, 12, coef=4.0)])
         """
-        return cls(hook=sae.cfg.hook_name, vector=sae.W_dec[feature].detach(), coef=coef,
+        # A transcoder's latents write at its output site.
+        hook = getattr(sae.cfg, "hook_name_out", sae.cfg.hook_name)
+        return cls(hook=hook, vector=sae.decoder_direction(feature).detach(), coef=coef,
                    positions=positions, head_index=sae.cfg.hook_head_index)
 
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
@@ -243,3 +250,108 @@ class _Observe:
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
         self.callback(self.hook, x)
         return x
+
+
+# ---- transcoders: read one site, write another ------------------------------------------
+
+@dataclass
+class _TranscoderState:
+    """What the read half of a transcoder splice hands to the write half, per forward."""
+
+    acts: SAEActivations | None = None
+
+
+@dataclass
+class _TranscoderRead:
+    """Encodes the transcoder's input site and keeps the prediction; changes nothing."""
+
+    sae: Transcoder
+    state: _TranscoderState
+    writes: bool = False
+
+    @property
+    def hook(self) -> str:
+        return self.sae.cfg.hook_name
+
+    def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
+        _check_width(self.sae, _head_view(self.sae, x), ctx.name)
+        x_sae = _sae_dtype(self.sae, _head_view(self.sae, ctx.convert(
+            self.sae.cfg.activation_space, x).forward(x)))
+        affine = self.sae.cfg.input_affine
+        if affine is not None:
+            layer = split(ctx.name)[0]
+            gain_bias = ctx.raw_stats.ln_affine(int(layer or 0), affine) \
+                if ctx.raw_stats is not None else None
+            if gain_bias is None:
+                raise SpaceConversionError(
+                    f"transcoder at {ctx.name!r} reads the output of {affine} with its gain and "
+                    "bias, but this model's unprocessed LayerNorm weights are unknown. Build the "
+                    "model with saebridge.adapters.transformer_lens.from_hf(), or wrap an "
+                    "unprocessed one.")
+            x_sae = x_sae * gain_bias[0].to(x_sae) + gain_bias[1].to(x_sae)
+        self.state.acts = acts = self.sae.run(x_sae)
+        for key, value in zip(SAE_HOOKS[:3], acts[:3], strict=True):
+            ctx.record(f"{self.hook}.{key}", value)
+        return x
+
+
+@dataclass
+class _TranscoderWrite:
+    """Replaces the transcoder's output site with the prediction made from its input."""
+
+    sae: Transcoder
+    state: _TranscoderState
+    use_error_term: bool = False
+    writes: bool = True
+
+    @property
+    def hook(self) -> str:
+        return self.sae.cfg.hook_name_out
+
+    def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
+        acts = self.state.acts
+        if acts is None:
+            raise UnknownHookError(
+                f"transcoder output site {self.hook!r} ran before its input site "
+                f"{self.sae.cfg.hook_name!r}, so there is no prediction to write. A transcoder "
+                "must read a site that runs earlier than the one it writes.")
+        to_sae = ctx.convert(self.sae.cfg.activation_space, x)
+        y_full = to_sae.forward(x)
+        y_sae = y_full.to(acts.recons.device, acts.recons.dtype)
+        if y_sae.numel() != acts.recons.numel():
+            raise ShapeError(
+                f"transcoder predicts {tuple(acts.recons.shape)} but its output site "
+                f"{self.hook!r} holds {tuple(y_sae.shape)}. Load the transcoder made for this "
+                "model and site.")
+        pred = acts.recons.reshape(y_sae.shape)
+        error = y_sae - pred
+        out = pred + error if self.use_error_term else pred
+        for key, value in zip(SAE_HOOKS[3:], (pred, error, out), strict=True):
+            ctx.record(f"{self.sae.cfg.hook_name}.{key}", value)
+        self.state.acts = None  # one prediction per forward pass
+        return to_sae.inverse(out.to(x.device, x.dtype))
+
+
+def expand(ops: Sequence[Intervention]) -> list[Intervention]:
+    """Interventions as the engine applies them: a :class:`Splice` of a transcoder becomes
+    a read at its input site and a write at its output site, sharing one state.
+
+    Raises:
+        SAEConfigError: a latent edit (Ablate/Clamp) of a transcoder, which is not supported.
+    """
+    from saebridge.sae.transcoder import Transcoder as TranscoderClass
+
+    out: list[Intervention] = []
+    for op in ops:
+        sae = getattr(op, "sae", None)
+        if not isinstance(sae, TranscoderClass):
+            out.append(op)
+        elif isinstance(op, Splice):
+            state = _TranscoderState()
+            out += [_TranscoderRead(sae, state), _TranscoderWrite(sae, state, op.use_error_term)]
+        else:
+            raise SAEConfigError(
+                f"{type(op).__name__} of a transcoder is not supported: its latents are read at "
+                f"{sae.cfg.hook_name!r} but written at {sae.cfg.hook_name_out!r}. Splice it, or "
+                "steer its output site with Steer.from_sae().")
+    return out

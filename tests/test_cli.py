@@ -16,7 +16,7 @@ ROW_KEYS = {"run", "sae", "reference", "backend", "max_dlogprob", "kl", "same_ac
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "saebridge", *args], capture_output=True,
                           text=True, env=env, timeout=300)
 

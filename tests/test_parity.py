@@ -1,4 +1,5 @@
-"""Cross-backend equivalence: HF, TL-processed and TL-unprocessed give the same log-probs.
+"""Cross-backend equivalence: HF, TL-processed, TL-unprocessed, nnsight over HF and nnsight
+over TL give the same log-probs.
 
 Random SAEs (architecture, site, training space), random tokens, random steering: every
 backend must agree with HF within the named fp32 tolerance. SAEs whose pre-activations
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 import saebridge as sb
 from saebridge.tolerance import logprob_atol
 
-BACKENDS = ["hf", "tl-processed", "tl-unprocessed"]
+BACKENDS = ["hf", "tl-processed", "tl-unprocessed", "nnsight-hf", "nnsight-tl"]
 SITES = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
          "hook_mlp_out", "mlp.hook_post", "attn.hook_z"]
 ARCHS = ["standard", "topk", "batchtopk", "jumprelu", "gated"]
@@ -106,6 +107,26 @@ def test_steer_parity(models, device, sae, tokens, feature, coef, position):
                                  lambda m: m.run_with_interventions(tokens, [steer])))
 
 
+@given(site=st.sampled_from(SITES), layer=st.integers(0, 1), seed=st.integers(0, 2**16),
+       tokens=tokens_st, coef=st.floats(-5, 5),
+       positions=st.one_of(st.none(), st.lists(st.integers(0, 1), min_size=1, unique=True)))
+def test_random_vector_steer_parity_and_canonical_caches(models, device, site, layer, seed,
+                                                         tokens, coef, positions):
+    """A random vector added anywhere: same log-probs, and every cached hook agrees in the
+    canonical space across backends."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = {"mlp.hook_post": (256,), "attn.hook_z": (4, 16)}.get(site, (64,))
+    vector = torch.randn(shape, generator=gen).to(device)
+    steer = sb.Steer(f"blocks.{layer}.{site}", vector, coef, positions=positions)
+    out = run_all(models, device, lambda m: m.run_with_interventions(tokens, [steer]))
+    assert_same_logprobs(out)
+    caches = run_all(models, device, lambda m: m.run_with_cache(tokens)[1])
+    for name, value in caches["hf"].items():
+        for backend, cache in caches.items():
+            torch.testing.assert_close(cache[name], value, atol=1e-4, rtol=1e-4,
+                                       msg=f"{name} on {backend}")
+
+
 @given(sae=saes(), tokens=tokens_st, features=st.lists(st.integers(0, D_SAE - 1), min_size=1,
                                                        max_size=4, unique=True),
        value=st.one_of(st.none(), st.floats(0, 20)))
@@ -114,6 +135,41 @@ def test_ablate_and_clamp_parity(models, device, sae, tokens, features, value):
     assume(_sae_margin_ok(models, device, sae, tokens))
     edit = sb.Ablate(sae, features) if value is None else sb.Clamp(sae, features, value)
     out = run_all(models, device, lambda m: m.run_with_interventions(tokens, [edit]))
+    assert_same_logprobs(out)
+
+
+@st.composite
+def interventions_at_distinct_sites(draw):
+    """3-4 interventions (splice, steer, ablate, clamp) each at its own site. ReLU SAEs: a
+    continuous encoder, so backends agree within tolerance without margin checks."""
+    sites = draw(st.lists(st.tuples(st.integers(0, 1), st.sampled_from(SITES)), min_size=3,
+                          max_size=4, unique=True))
+    ops = []
+    for i, (layer, site) in enumerate(sites):
+        sae = sb.SAE.random("standard", 256 if site == "mlp.hook_post" else 64, D_SAE,
+                            f"blocks.{layer}.{site}", seed=draw(st.integers(0, 2**16)),
+                            activation_space=draw(st.sampled_from(["hf", "tl-processed"])))
+        kind = draw(st.sampled_from(["splice", "steer", "ablate", "clamp"]))
+        ops.append(sb.Splice(sae) if kind == "splice" else
+                   sb.Steer.from_sae(sae, i, coef=3.0) if kind == "steer" else
+                   sb.Ablate(sae, [i, i + 1]) if kind == "ablate" else sb.Clamp(sae, [i], 5.0))
+    return ops
+
+
+@given(ops=interventions_at_distinct_sites(), tokens=tokens_st, data=st.data())
+def test_execution_order_independence(models, device, ops, tokens, data):
+    """Interventions at different sites apply in the model's execution order: any
+    permutation of the list gives the same logits, on every backend."""
+    for op in ops:
+        if hasattr(op, "sae"):
+            op.sae = op.sae.to(device)
+        if isinstance(op, sb.Steer):
+            op.vector = op.vector.to(device)
+    shuffled = data.draw(st.permutations(ops))
+    out = run_all(models, device, lambda m: m.run_with_interventions(tokens, ops))
+    for backend, logits in out.items():
+        again = models(backend, device).run_with_interventions(tokens, shuffled)
+        assert torch.equal(again, logits), backend
     assert_same_logprobs(out)
 
 

@@ -67,7 +67,7 @@ def saes(draw: st.DrawFn, archs: tuple[str, ...] = ARCHS, hook_z: bool | None = 
          ) -> tuple[SAE, torch.Tensor]:
     """A random SAE and a random input for it."""
     arch = draw(st.sampled_from(archs))
-    n_heads, d_head = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    n_heads, d_head = draw(st.integers(1, 3)), draw(st.integers(2, 4))  # layer_norm needs d_in >= 2
     use_z = draw(st.booleans()) if hook_z is None else hook_z
     d_in = n_heads * d_head if use_z else draw(st.integers(2, 12))
     d_sae = draw(st.integers(1, 24))

@@ -2,18 +2,23 @@
 
 A format is any object (a module will do) with ``detect(path) -> bool``,
 ``read_config(path) -> SAEConfig``, ``load(path, device=None, dtype=None) -> SAE`` and
-``save(sae, path) -> None``. Add one with :func:`register_format`.
+``save(sae, path) -> None``; ``read_config``/``load`` may take ``hook_name=`` (formats whose
+files do not record their site need it), an ``EXPECTS`` string says what it looks for, and
+``REFINES = "other"`` marks a special case of another format that wins detection over it.
+Add one with :func:`register_format`; detection tries formats in registration order.
 
 >>> from saebridge import formats
->>> formats.names()
-['saelens']
+>>> "sparsify" in formats.names()
+True
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -72,48 +77,107 @@ def get(name: str) -> Format:
     return _FORMATS[name]
 
 
+_DEFAULT_EXPECTS = {"saelens": "a folder with cfg.json and sae_weights.safetensors"}
+
+
+def _expects(name: str) -> str:
+    return getattr(_FORMATS[name], "EXPECTS", _DEFAULT_EXPECTS.get(name, "(no description)"))
+
+
 def detect_format(path: PathLike) -> str:
-    """The name of the first registered format that recognises ``path``.
+    """The name of the registered format that recognises ``path``.
+
+    A format that refines another (``REFINES``) wins over it when both match.
 
     Raises:
-        SAEFormatError: nothing exists at ``path``, or no format recognises it.
+        SAEFormatError: nothing exists at ``path``, no format recognises it, or several
+            unrelated formats do (the message lists each format and what it looks for).
     """
     path = Path(os.fspath(path))
     if not path.exists():
         raise SAEFormatError(
             f"no file or folder at {str(path)!r}. Check the path; an SAE is loaded from the "
             "folder that holds its files (for SAELens: cfg.json and sae_weights.safetensors).")
-    for name, fmt in _FORMATS.items():
-        if fmt.detect(path):
-            return name
+    matches = [name for name, fmt in _FORMATS.items() if fmt.detect(path)]
+    refined = {getattr(_FORMATS[name], "REFINES", None) for name in matches}
+    matches = [name for name in matches if name not in refined]
+    if len(matches) == 1:
+        return matches[0]
+    tried = "; ".join(f"{name}: {_expects(name)}" for name in _FORMATS)
+    if matches:
+        raise UnknownFormatError(
+            f"{str(path)!r} is ambiguous: it matches the SAE formats {', '.join(matches)}. "
+            f"Pass format= to pick one. Formats tried: {tried}.")
     raise UnknownFormatError(
-        f"no registered SAE format recognises {str(path)!r}; valid formats: "
-        f"{', '.join(names())} (saelens: a folder with cfg.json and sae_weights.safetensors). "
-        f"Pass format= to force one. {_ADD_ONE}")
+        f"no registered SAE format recognises {str(path)!r}. Formats tried, and what each "
+        f"expects: {tried}. Pass format= to force one. {_ADD_ONE}")
 
 
-def read_config(path: PathLike, format: str | None = None) -> SAEConfig:
-    """The config of the SAE at ``path``, without reading its weights."""
-    path = Path(os.fspath(path))
-    return get(format or detect_format(path)).read_config(path)
+def _call(fn: Any, path: Path, hook_name: str | None, **kwargs: Any) -> Any:
+    """Call a format's read_config/load, passing ``hook_name`` when it takes one."""
+    if hook_name is not None and "hook_name" in inspect.signature(fn).parameters:
+        return fn(path, hook_name=hook_name, **kwargs)
+    return fn(path, **kwargs)
+
+
+def read_config(path: PathLike, format: str | None = None, *, hook_name: str | None = None,
+                subfolder: str | None = None) -> SAEConfig:
+    """The config of the SAE at ``path``, without reading its weights where the format
+    allows (see :func:`saebridge.formats.inspect.inspect`)."""
+    from saebridge.formats import hub
+
+    path = hub.resolve(path, subfolder)
+    cfg = _call(get(format or detect_format(path)).read_config, path, hook_name)
+    if hook_name is not None and cfg.hook_name != hook_name:
+        cfg = dataclasses.replace(cfg, hook_name=hook_name)
+    return cfg
 
 
 def load(path: PathLike, format: str | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None) -> SAE:
-    """Load the SAE at ``path`` in ``format`` (detected when None)."""
-    path = Path(os.fspath(path))
-    return get(format or detect_format(path)).load(path, device=device, dtype=dtype)
+         dtype: str | torch.dtype | None = None, *, hook_name: str | None = None,
+         subfolder: str | None = None) -> SAE:
+    """Load the SAE at ``path`` (a local path, or a hub id with ``subfolder``) in ``format``
+    (detected when None); ``hook_name`` overrides the canonical site it reads."""
+    from saebridge.formats import hub
+
+    path = hub.resolve(path, subfolder)
+    sae = _call(get(format or detect_format(path)).load, path, hook_name, device=device,
+                dtype=dtype)
+    if hook_name is not None and sae.cfg.hook_name != hook_name:
+        # Formats that record their site take no hook_name: rebuild with the stated one.
+        cfg = dataclasses.replace(sae.cfg, hook_name=hook_name)
+        sae = type(sae)(cfg, {n: p.detach() for n, p in sae.named_parameters()})
+    return sae
 
 
 def save(sae: SAE, path: PathLike, format: str = "saelens") -> None:
-    """Write ``sae`` to the folder ``path`` in ``format``."""
+    """Write ``sae`` to the folder ``path`` in ``format``. ``"saelens"`` picks the SAELens
+    layout for the SAE's kind (transcoder, block-diagonal, plain)."""
+    if format == "saelens":
+        format = getattr(sae, "saelens_format", "saelens")
     get(format).save(sae, Path(os.fspath(path)))
 
 
 def _register_builtin() -> None:
-    from saebridge.formats import saelens
+    from saebridge.formats import (
+        dictionary_learning,
+        gemma_scope,
+        kissane,
+        openai,
+        saelens,
+        saelens_blockdiag,
+        saelens_transcoder,
+        sparsify,
+    )
 
     register_format("saelens", saelens)
+    register_format("saelens-transcoder", saelens_transcoder)
+    register_format("saelens-blockdiag", saelens_blockdiag)
+    register_format("sparsify", sparsify)
+    register_format("dictionary_learning", dictionary_learning)
+    register_format("gemma_scope", gemma_scope)
+    register_format("openai", openai)
+    register_format("kissane", kissane)
 
 
 _register_builtin()

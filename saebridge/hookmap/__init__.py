@@ -10,8 +10,11 @@ from __future__ import annotations
 import re
 
 from saebridge.errors import RegistryError, UnknownHookError, UnsupportedArchitectureError, unknown
+from saebridge.hookmap.gemma2 import GEMMA2
 from saebridge.hookmap.gpt2 import GPT2
-from saebridge.hookmap.site import HookMap, Kind, Site, Unavailable
+from saebridge.hookmap.llama import LLAMA
+from saebridge.hookmap.neox import NEOX
+from saebridge.hookmap.site import HookMap, HookSpec, Kind, Site, Unavailable
 
 _MAPS: dict[str, HookMap] = {}
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -55,6 +58,13 @@ def names(hmap: HookMap, n_layers: int) -> list[str]:
     return out
 
 
+def canonical_names() -> set[str]:
+    """Every hook name (relative to ``blocks.{L}.`` inside blocks) some registered map
+    defines or marks unavailable: the vocabulary user-supplied hook maps draw from."""
+    return {rel for hmap in _MAPS.values()
+            for table in (hmap.before_blocks, hmap.block, hmap.after_blocks) for rel in table}
+
+
 def resolve(hmap: HookMap, name: str, n_layers: int) -> Site:
     """The :class:`Site` of a canonical name, with its layer filled in.
 
@@ -75,7 +85,8 @@ def resolve(hmap: HookMap, name: str, n_layers: int) -> Site:
     return entry.at(layer)
 
 
-register(GPT2)
+for _map in (GPT2, NEOX, LLAMA, GEMMA2):
+    register(_map)
 
-__all__ = ["HookMap", "Kind", "Site", "Unavailable", "hook_map", "names", "register",
-           "resolve", "split"]
+__all__ = ["HookMap", "HookSpec", "Kind", "Site", "Unavailable", "canonical_names",
+           "hook_map", "names", "register", "resolve", "split"]

@@ -16,7 +16,8 @@ earlier activation (``hook_z`` for attention, ``mlp.hook_post`` for the MLP), so
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -33,15 +34,21 @@ TRACKED_SITES = ("attn.hook_z", "mlp.hook_post")
 
 @dataclass
 class RawStats:
-    """Constants of a model's unprocessed weights that TransformerLens processing removes."""
+    """Constants of a model's unprocessed weights that TransformerLens processing removes.
+
+    Value-bias statistics are per key/value head (``K`` heads: fewer than the query
+    heads under grouped-query attention); :meth:`value_offset` repeats them per query
+    head for ``hook_z``, as the model does. Models without learned positions, LayerNorm
+    biases or value biases have zeros there.
+    """
 
     embed_mean_V: Tensor
     """Mean over d_model of each unprocessed embedding row."""
-    pos_mean_P: Tensor
-    """Mean over d_model of each positional embedding row."""
-    b_V_LHd: Tensor
-    """Value biases per layer and head."""
-    ln1_b_W_V_LHd: Tensor
+    pos_mean_P: Tensor | None
+    """Mean over d_model of each positional embedding row; None for rotary models."""
+    b_V_LKd: Tensor
+    """Value biases per layer and key/value head."""
+    ln1_b_W_V_LKd: Tensor
     """``ln1.b @ W_V``: the part of the value bias that ``fold_ln`` adds."""
     W_O_mean_LHd: Tensor
     """Mean over d_model of the unprocessed ``W_O``."""
@@ -49,38 +56,81 @@ class RawStats:
     W_out_mean_LM: Tensor
     """Mean over d_model of the unprocessed ``W_out``."""
     b_out_mean_L: Tensor
+    ln1_w_LD: Tensor | None = None
+    """Unprocessed ``ln1`` gain per layer (``fold_ln`` moves it into the next weights), for
+    transcoders reading a LayerNorm's output; None without LayerNorms."""
+    ln1_b_LD: Tensor | None = None
+    ln2_w_LD: Tensor | None = None
+    ln2_b_LD: Tensor | None = None
 
     @classmethod
     def from_tl_weights(cls, w: Mapping[str, Tensor]) -> RawStats:
-        """Statistics from unprocessed weights in TransformerLens layout."""
+        """Statistics from unprocessed weights in TransformerLens layout (grouped-query
+        models keep k/v under ``_W_V``/``_b_V``, as TransformerLens does)."""
         n_layers = 1 + max(int(k.split(".")[1]) for k in w if k.startswith("blocks."))
         layers = range(n_layers)
 
         def stack(fn) -> Tensor:
             return torch.stack([fn(f"blocks.{i}.") for i in layers])
 
+        def get(p: str, name: str) -> Tensor:
+            return w[p + name] if p + name in w else w[p + name.replace(".", "._", 1)]
+
+        def ln1_b_W_V(p: str) -> Tensor:
+            W_V = get(p, "attn.W_V")
+            if p + "ln1.b" not in w:  # RMSNorm or no norm: no bias to fold
+                return W_V.new_zeros(W_V.shape[0], W_V.shape[2])
+            return torch.einsum("d,hde->he", w[p + "ln1.b"], W_V)
+
         with torch.no_grad():
             return cls(
                 embed_mean_V=w["embed.W_E"].mean(-1),
-                pos_mean_P=w["pos_embed.W_pos"].mean(-1),
-                b_V_LHd=stack(lambda p: w[p + "attn.b_V"]),
-                ln1_b_W_V_LHd=stack(
-                    lambda p: torch.einsum("d,hde->he", w[p + "ln1.b"], w[p + "attn.W_V"])),
+                pos_mean_P=w["pos_embed.W_pos"].mean(-1) if "pos_embed.W_pos" in w else None,
+                b_V_LKd=stack(lambda p: get(p, "attn.b_V")),
+                ln1_b_W_V_LKd=stack(ln1_b_W_V),
                 W_O_mean_LHd=stack(lambda p: w[p + "attn.W_O"].mean(-1)),
                 b_O_mean_L=stack(lambda p: w[p + "attn.b_O"].mean()),
                 W_out_mean_LM=stack(lambda p: w[p + "mlp.W_out"].mean(-1)),
                 b_out_mean_L=stack(lambda p: w[p + "mlp.b_out"].mean()),
+                ln1_w_LD=_stack_ln(w, n_layers, "ln1", "w"),
+                ln1_b_LD=_stack_ln(w, n_layers, "ln1", "b"),
+                ln2_w_LD=_stack_ln(w, n_layers, "ln2", "w"),
+                ln2_b_LD=_stack_ln(w, n_layers, "ln2", "b"),
             )
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> RawStats:
-        return RawStats(**{f.name: getattr(self, f.name).to(device, dtype) for f in fields(self)})
+    def ln_affine(self, layer: int, ln: str) -> tuple[Tensor, Tensor] | None:
+        """The unprocessed gain and bias of LayerNorm ``ln`` (``ln1``/``ln2``) at ``layer``."""
+        w, b = getattr(self, f"{ln}_w_LD"), getattr(self, f"{ln}_b_LD")
+        return None if w is None or b is None else (w[layer], b[layer])
 
-    def value_offset(self, layer: int, space: ActivationSpace) -> Tensor | float:
-        """What ``space`` removed from ``hook_v``/``hook_z`` at ``layer``, per head."""
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> RawStats:
+        moved: dict[str, Any] = {f.name: None if getattr(self, f.name) is None
+                                 else getattr(self, f.name).to(device, dtype)
+                                 for f in fields(self)}
+        return replace(self, **moved)
+
+    def value_offset(self, layer: int, space: ActivationSpace, n_heads: int | None = None
+                     ) -> Tensor | float:
+        """What ``space`` removed from ``hook_v``/``hook_z`` at ``layer``, per head: per
+        key/value head, or repeated to ``n_heads`` query heads (for ``hook_z``)."""
         if not space.fold_value_biases:
             return 0.0
-        off = self.b_V_LHd[layer]
-        return off + self.ln1_b_W_V_LHd[layer] if space.fold_ln else off
+        off = self.b_V_LKd[layer]
+        off = off + self.ln1_b_W_V_LKd[layer] if space.fold_ln else off
+        if n_heads is not None and n_heads != off.shape[0]:
+            off = off.repeat_interleave(n_heads // off.shape[0], dim=0)
+        return off
+
+
+def _stack_ln(w: Mapping[str, Tensor], n_layers: int, ln: str, wb: str) -> Tensor | None:
+    """A LayerNorm's gain (``wb="w"``) or bias per layer; an RMSNorm's bias is zero."""
+    gains = [w.get(f"blocks.{i}.{ln}.w") for i in range(n_layers)]
+    if any(g is None for g in gains):
+        return None
+    if wb == "w":
+        return torch.stack(gains)  # type: ignore[arg-type]
+    return torch.stack([w.get(f"blocks.{i}.{ln}.b", torch.zeros_like(g))  # type: ignore[arg-type]
+                        for i, g in enumerate(gains)])
 
 
 @dataclass(frozen=True)
@@ -112,7 +162,8 @@ class RawMeanTracker:
         self.stats, self.native = stats, native
         n_pos = tokens_BP.shape[1]
         self.embed_BP = stats.embed_mean_V[tokens_BP]
-        self.pos_P = stats.pos_mean_P[:n_pos]
+        self.pos_P = (stats.pos_mean_P[:n_pos] if stats.pos_mean_P is not None
+                      else torch.zeros_like(self.embed_BP[0]))
         self.attn: dict[int, Tensor] = {}
         self.mlp: dict[int, Tensor] = {}
 
@@ -120,7 +171,7 @@ class RawMeanTracker:
         layer, rel = split(name)
         s, layer = self.stats, int(layer or 0)  # only per-block TRACKED_SITES come here
         if rel == "attn.hook_z":
-            z_raw = x + s.value_offset(layer, self.native)
+            z_raw = x + s.value_offset(layer, self.native, x.shape[-2])
             self.attn[layer] = (torch.einsum("bphd,hd->bp", z_raw, s.W_O_mean_LHd[layer])
                                 + s.b_O_mean_L[layer])
         elif rel == "mlp.hook_post":
@@ -183,12 +234,20 @@ def conversion(
         # mean" true downstream, whatever was written.
         return Affine(shift=tracker.mean(name).unsqueeze(-1))
     if kind == "v":
-        if not (src.fold_value_biases or dst.fold_value_biases):
+        if _value_terms(src) == _value_terms(dst):  # the same bias removed on both sides
             return Affine()
         if stats is None or layer is None:
             raise _missing(name, src, dst)
-        return Affine(shift=stats.value_offset(layer, src) - stats.value_offset(layer, dst))
+        heads = x.shape[-2]
+        return Affine(shift=stats.value_offset(layer, src, heads)
+                      - stats.value_offset(layer, dst, heads))
     return Affine()
+
+
+def _value_terms(space: ActivationSpace) -> tuple[bool, bool]:
+    """Which value-bias terms a space removed from ``hook_v``/``hook_z``: ``b_V``, and
+    ``ln1.b @ W_V`` (folded into the value bias by ``fold_ln``)."""
+    return space.fold_value_biases, space.fold_value_biases and space.fold_ln
 
 
 def _missing(name: str, src: ActivationSpace, dst: ActivationSpace) -> SpaceConversionError:
@@ -196,6 +255,7 @@ def _missing(name: str, src: ActivationSpace, dst: ActivationSpace) -> SpaceConv
         f"cannot convert {name!r} from activation space {src.name!r} to {dst.name!r}: the "
         "model's weights were processed and the constants needed to undo that are unknown. "
         "Build the TransformerLens model with saebridge.adapters.transformer_lens.from_hf() "
-        "(it records them), wrap an unprocessed model, or use an SAE trained in the model's "
+        "or the TransformerBridge with saebridge.adapters.tl_bridge.bridge_from_hf() (both "
+        "record them), wrap an unprocessed model, or use an SAE trained in the model's "
         "own space."
     )

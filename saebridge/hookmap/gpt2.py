@@ -30,8 +30,10 @@ def tl_weights(sd: dict[str, torch.Tensor], n_heads: int) -> dict[str, torch.Ten
     n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
     for layer in range(n_layers):
         hf, tl = f"h.{layer}.", f"blocks.{layer}."
-        out[tl + "ln1.w"], out[tl + "ln1.b"] = sd[hf + "ln_1.weight"], sd[hf + "ln_1.bias"]
-        out[tl + "ln2.w"], out[tl + "ln2.b"] = sd[hf + "ln_2.weight"], sd[hf + "ln_2.bias"]
+        for ln, name in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            if hf + f"{name}.weight" in sd:  # absent when the LayerNorms were removed
+                out[tl + f"{ln}.w"], out[tl + f"{ln}.b"] = sd[hf + f"{name}.weight"], \
+                    sd[hf + f"{name}.bias"]
         w_qkv_D3D = sd[hf + "attn.c_attn.weight"]
         b_qkv_3D = sd[hf + "attn.c_attn.bias"]
         for i, name in enumerate("QKV"):
@@ -45,7 +47,8 @@ def tl_weights(sd: dict[str, torch.Tensor], n_heads: int) -> dict[str, torch.Ten
         out[tl + "mlp.b_in"] = sd[hf + "mlp.c_fc.bias"]
         out[tl + "mlp.W_out"] = sd[hf + "mlp.c_proj.weight"]
         out[tl + "mlp.b_out"] = sd[hf + "mlp.c_proj.bias"]
-    out["ln_final.w"], out["ln_final.b"] = sd["ln_f.weight"], sd["ln_f.bias"]
+    if "ln_f.weight" in sd:
+        out["ln_final.w"], out["ln_final.b"] = sd["ln_f.weight"], sd["ln_f.bias"]
     unembed = sd.get("lm_head.weight", sd["wte.weight"])  # tied when absent
     out["unembed.W_U"] = unembed.T
     out["unembed.b_U"] = torch.zeros(unembed.shape[0], dtype=unembed.dtype, device=unembed.device)

@@ -104,3 +104,31 @@ NAMED_SPACES: dict[str, ActivationSpace] = {
 }
 CANONICAL = TL_PROCESSED
 """The space cache values are reported in: every backend can reach it exactly from its own."""
+
+
+def in_force(space: ActivationSpace, *, norm: str | None, softcap: bool = False
+             ) -> ActivationSpace:
+    """The flags of ``space`` that actually change a model with norms of type ``norm``.
+
+    TransformerLens drops the rest, and so does every conversion here (verified against
+    ``ProcessWeights.process_weights`` and ``HookedTransformer.from_pretrained``):
+
+    - ``fold_ln`` needs a norm to fold (``LN``/``RMS``; ``None`` for LayerNorm-free models).
+    - ``center_writing_weights`` needs a LayerNorm: only its mean subtraction makes
+      centring invisible downstream. RMSNorm models and models without norms are never
+      centred, so nothing may be centred for them.
+    - ``center_unembed`` is refused under a logit soft cap (Gemma-2): ``tanh`` is not
+      invariant to adding a constant.
+
+    >>> in_force(TL_PROCESSED, norm="RMS").center_writing_weights
+    False
+    >>> in_force(TL_PROCESSED, norm="LN", softcap=True).name
+    'tl(fold_ln,center_writing_weights,fold_value_biases)'
+    """
+    layernorm = norm in ("LN", "LNPre")
+    return ActivationSpace(
+        fold_ln=space.fold_ln and norm is not None,
+        center_writing_weights=space.center_writing_weights and layernorm,
+        center_unembed=space.center_unembed and not softcap,
+        fold_value_biases=space.fold_value_biases,
+    )

@@ -27,7 +27,6 @@ from saebridge.sae.activations import (
     jumprelu,
     normalize_in,
     normalize_out,
-    topk_relu,
 )
 from saebridge.sae.config import SAEConfig
 from saebridge.sae.params import (
@@ -37,6 +36,7 @@ from saebridge.sae.params import (
     dtype_name,
     parameter_shapes,
 )
+from saebridge.sae.sparse import SparseLatents, topk_latents, try_decode
 
 Tensor = torch.Tensor
 
@@ -69,7 +69,7 @@ class SAE(nn.Module):
         # A private copy: .to() rewrites cfg.device/dtype, which must not leak into
         # other SAEs built from the same config object.
         self.cfg = copy.deepcopy(cfg)
-        shapes = parameter_shapes(cfg)
+        shapes = self._parameter_shapes(cfg)
         dtype = TORCH_DTYPES[cfg.dtype]
         try:
             device = torch.device(cfg.device)
@@ -162,7 +162,7 @@ class SAE(nn.Module):
         ``constant_norm_rescale``/``layer_norm`` the input's statistics are kept for the
         next :meth:`decode`, as SAELens does.
         """
-        _, _, acts_post_BF, stats = self._encode(x)
+        _, _, acts_post_BF, stats, _ = self._encode(x)
         self._norm_stats = stats
         return acts_post_BF
 
@@ -188,13 +188,15 @@ class SAE(nn.Module):
         >>> tuple(out.acts_post.shape), torch.equal(out.recons, sae(x))
         ((3, 8), True)
         """
-        sae_input_BD, acts_pre_BF, acts_post_BF, stats = self._encode(x)
+        sae_input_BD, acts_pre_BF, acts_post_BF, stats, latents = self._encode(x)
         recons_BD = normalize_out(self.cfg.normalize_activations,
-                                  self._decode_linear(acts_post_BF), stats)
+                                  self._decode_linear(acts_post_BF, latents), stats)
         # hook_z: back to [..., n_heads, d_head] when that is what came in.
         return SAEActivations(sae_input_BD, acts_pre_BF, acts_post_BF, recons_BD.reshape(x.shape))
 
-    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, NormStats | None]:
+    def _encode(self, x: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, NormStats | None, SparseLatents | None]:
+        # The last item: TopK's latents as found by topk, so decode need not search them.
         cfg = self.cfg
         sae_input_BD = flatten_heads(x.to(self.W_enc.dtype), cfg.d_in, cfg.is_hook_z,
                                      cfg.hook_name)
@@ -203,27 +205,60 @@ class SAE(nn.Module):
             sae_in_BD = sae_in_BD - self.b_dec
         if cfg.architecture == "gated":
             assert self.b_gate is not None and self.b_mag is not None and self.r_mag is not None
-            gate_BF = ((sae_in_BD @ self.W_enc + self.b_gate) > 0).to(sae_in_BD.dtype)
-            acts_pre_BF = sae_in_BD @ (self.W_enc * self.r_mag.exp()) + self.b_mag
-            return sae_input_BD, acts_pre_BF, gate_BF * acts_pre_BF.relu(), stats
+            gate_BF = ((self._enc(sae_in_BD) + self.b_gate) > 0).to(sae_in_BD.dtype)
+            acts_pre_BF = self._enc(sae_in_BD, self.r_mag.exp()) + self.b_mag
+            return sae_input_BD, acts_pre_BF, gate_BF * acts_pre_BF.relu(), stats, None
         assert self.b_enc is not None  # every non-gated architecture has one
-        acts_pre_BF = sae_in_BD @ self.W_enc + self.b_enc
+        # In place: _enc returns a fresh [..., d_sae] tensor, and allocating and first
+        # touching another that size costs ~5 % of an SAE pass on CPU. Same values.
+        acts_pre_BF = self._enc(sae_in_BD).add_(self.b_enc)
         ranked_BF = acts_pre_BF
         if cfg.rescale_acts_by_decoder_norm:
-            ranked_BF = acts_pre_BF * self.W_dec.norm(dim=-1)
+            ranked_BF = acts_pre_BF * self._decoder_norms()
+        latents = None
         if cfg.architecture == "topk":
-            acts_post_BF = topk_relu(ranked_BF, int(cfg.k))  # type: ignore[arg-type]
+            acts_post_BF, latents = topk_latents(ranked_BF, int(cfg.k))  # type: ignore[arg-type]
         elif cfg.architecture in ("jumprelu", "batchtopk"):
             assert self.threshold is not None
             acts_post_BF = jumprelu(ranked_BF, self.threshold)
         else:
             acts_post_BF = ranked_BF.relu()
-        return sae_input_BD, acts_pre_BF, acts_post_BF, stats
+        return sae_input_BD, acts_pre_BF, acts_post_BF, stats, latents
 
-    def _decode_linear(self, acts_BF: Tensor) -> Tensor:
-        if self.cfg.rescale_acts_by_decoder_norm:
-            acts_BF = acts_BF * (1 / self.W_dec.norm(dim=-1))
-        return acts_BF @ self.W_dec + self.b_dec
+    def _decode_linear(self, acts_BF: Tensor, latents: SparseLatents | None = None) -> Tensor:
+        scale_F = 1 / self._decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
+        # Sparse decode (saebridge.sae.sparse) gathers rows of a [d_sae, d_out] W_dec; other
+        # layouts (per-head blocks) decode densely through _dec.
+        if self.W_dec.dim() == 2 and self.W_dec.shape[0] == self.cfg.d_sae:
+            recons_BD = try_decode(acts_BF, self.W_dec, latents, scale_F)
+            if recons_BD is not None:
+                return recons_BD + self.b_dec
+        if scale_F is not None:
+            acts_BF = acts_BF * scale_F
+        return self._dec(acts_BF) + self.b_dec
+
+    # The weight layout lives in these four methods, so that SAEs storing their weights
+    # differently (per-head blocks, see saebridge.sae.blockdiag) share the forward pass.
+
+    def _parameter_shapes(self, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+        return parameter_shapes(cfg)
+
+    def _enc(self, x_BD: Tensor, col_scale_F: Tensor | None = None) -> Tensor:
+        """``x @ W_enc`` (gated: ``x @ (W_enc * col_scale)``), without the bias."""
+        W_enc_DF = self.W_enc if col_scale_F is None else self.W_enc * col_scale_F
+        return x_BD @ W_enc_DF
+
+    def _dec(self, acts_BF: Tensor) -> Tensor:
+        """``acts @ W_dec``, without the bias."""
+        return acts_BF @ self.W_dec
+
+    def _decoder_norms(self) -> Tensor:
+        """The norm of each latent's decoder direction, ``[d_sae]``."""
+        return self.W_dec.norm(dim=-1)
+
+    def decoder_direction(self, feature: int) -> Tensor:
+        """The decoder direction of latent ``feature``, ``[d_in]`` (what steering adds)."""
+        return self.W_dec[feature]
 
     # ---- weight surgery -------------------------------------------------------------
 
@@ -245,11 +280,14 @@ class SAE(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, format: str | None = None,
              device: str | torch.device | None = None,
-             dtype: str | torch.dtype | None = None) -> SAE:
+             dtype: str | torch.dtype | None = None, hook_name: str | None = None,
+             subfolder: str | None = None) -> SAE:
         """Load an SAE saved on disk; ``format`` is detected when None (see saebridge.formats).
 
         ``device`` defaults to ``"cpu"`` (SAELens's default, whatever cfg.json says) and
-        ``dtype`` to the saved config's.
+        ``dtype`` to the saved config's. ``hook_name`` states the canonical site, for files
+        that do not record it or record it wrongly (every format). ``path`` may be a Hugging
+        Face hub id (``"org/repo"``, with ``subfolder``), fetched with huggingface_hub.
 
         >>> import tempfile
         >>> sae = SAE.random("gated", 4, 8, "blocks.0.hook_resid_post")
@@ -260,7 +298,8 @@ class SAE(nn.Module):
         """
         from saebridge import formats  # formats imports this module: import it lazily
 
-        return formats.load(path, format=format, device=device, dtype=dtype)
+        return formats.load(path, format=format, device=device, dtype=dtype,
+                            hook_name=hook_name, subfolder=subfolder)
 
     def save(self, path: str | os.PathLike[str], *, format: str = "saelens") -> None:
         """Write this SAE to the folder ``path`` (created if needed) in ``format``."""

@@ -1,0 +1,312 @@
+"""Streaming activation caching: a data set's activations and SAE latents to safetensors shards.
+
+:func:`cache_activations` runs the model batch by batch and writes what it reads to
+numbered shards, so memory holds one shard at a time however long the data set is. A shard
+is written to a temporary file and renamed into place, so a shard file either is complete
+or does not exist; a run that is interrupted (killed, out of time) resumes from the first
+missing shard, with no shard lost or written twice. :class:`ActivationShards` reads the
+shards back as a torch ``Dataset`` of tokens.
+
+Layout of ``out_dir``::
+
+    saebridge_cache.json        what is cached (hooks, SAE latents, shard size): a resumed
+                                run must ask for the same
+    shard_000000.safetensors    tensors, one row per token, in data order:
+        "tokens"                    [n] int64 token ids
+        "<hook>"                    [n, ...] activation (canonical space, as run_with_cache)
+        "<hook>.hook_sae_acts_post.crow|col|values"
+                                    SAE latents as CSR rows: token i's active latents are
+                                    col[crow[i]:crow[i+1]] (int32) with their values
+      metadata: batch_start, batch_end (which input batches), n_tokens
+
+>>> # shards = sb.cache_activations(model, batches, hooks=["blocks.8.hook_resid_pre"],
+>>> #                               saes=[sae], out_dir="acts")
+>>> # shards[0]["blocks.8.hook_resid_pre.hook_sae_acts_post"]  # dense [d_sae] latents
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from saebridge.errors import SAEBridgeError
+from saebridge.model import Model
+from saebridge.sae import SAE
+
+Tensor = torch.Tensor
+SPEC_FILE = "saebridge_cache.json"
+FORMAT_VERSION = 1
+LATENTS = ".hook_sae_acts_post"
+log = logging.getLogger(__name__)
+
+
+class CacheDirError(SAEBridgeError, ValueError):
+    """An activation-cache folder that does not hold what the caller asks for."""
+
+
+def cache_activations(model: Any, token_batches: Iterable[Tensor], *, hooks: Sequence[str] = (),
+                      saes: Sequence[SAE] = (), out_dir: str | os.PathLike[str],
+                      tokens_per_shard: int = 2**14, dtype: torch.dtype | None = None,
+                      progress: bool | None = None) -> ActivationShards:
+    """Stream activations at ``hooks`` and the latents of ``saes`` to safetensors shards.
+
+    SAEs only read: each is spliced with its error term, so the model computes exactly its
+    clean forward and every hook sees clean activations. Rerunning with the same arguments
+    resumes an interrupted run (the batches of complete shards are skipped, unread), so
+    ``token_batches`` must yield the same batches in the same order each time.
+
+    Args:
+        model: a :class:`saebridge.Model` or any object :func:`saebridge.wrap` accepts.
+        token_batches: LongTensors ``[batch, pos]``; with a ``len()``, the progress bar
+            shows the total.
+        hooks: canonical hook names whose activations (``[batch, pos, ...]``) are cached.
+        saes: SAEs whose latents are cached, stored sparsely; at most one per hook.
+        out_dir: folder of the shards (created if needed).
+        tokens_per_shard: a shard is closed at the first batch boundary at or past this.
+        dtype: store activations and latent values in this dtype (default: as computed).
+        progress: show a tqdm bar; default only when stderr is a terminal (otherwise a
+            log line per shard goes to the ``saebridge.cache`` logger).
+
+    Returns:
+        The shards as an :class:`ActivationShards` dataset.
+
+    >>> # shards = cache_activations(model, batches, hooks=["blocks.8.hook_resid_pre"],
+    >>> #                            saes=[sae], out_dir="acts")
+    """
+    wrapped = model if isinstance(model, Model) else _wrap(model)
+    hooks, saes = list(hooks), list(saes)
+    out = Path(out_dir)
+    spec = _spec(wrapped, hooks, saes, tokens_per_shard, dtype)
+    start_batch, n_shards = _prepare(out, spec)
+    bar = _progress_bar(progress, token_batches, start_batch)
+    buffer: list[dict[str, Tensor]] = []
+    first = start_batch
+    try:
+        for index, tokens in enumerate(token_batches):
+            if index < start_batch:
+                continue  # written by an earlier run
+            buffer.append(_read_batch(wrapped, tokens, hooks, saes, dtype))
+            bar.update(1)
+            if sum(b["tokens"].numel() for b in buffer) >= tokens_per_shard:
+                _write_shard(out, n_shards, buffer, first, index + 1)
+                n_shards, first, buffer = n_shards + 1, index + 1, []
+        if buffer:
+            _write_shard(out, n_shards, buffer, first, first + len(buffer))
+    finally:
+        bar.close()
+    return ActivationShards(out)
+
+
+def _wrap(obj: Any) -> Model:
+    import saebridge  # the package imports this module: import it lazily
+
+    return saebridge.wrap(obj)
+
+
+def _spec(model: Model, hooks: list[str], saes: list[SAE], tokens_per_shard: int,
+          dtype: torch.dtype | None) -> dict[str, Any]:
+    if not hooks and not saes:
+        raise CacheDirError("cache_activations got neither hooks nor saes, so there is "
+                            "nothing to cache. Pass hooks=[...] and/or saes=[...].")
+    for hook in hooks:
+        model.adapter.kind(hook)  # unknown names fail before any forward
+    sae_hooks = [sae.cfg.hook_name for sae in saes]
+    if len(set(sae_hooks)) != len(sae_hooks):
+        raise CacheDirError(f"cache_activations got several SAEs at one hook ({sae_hooks}); "
+                            "their latents would share a key. Cache them in separate runs.")
+    return {"format": FORMAT_VERSION, "hooks": hooks,
+            "latents": [{"key": sae.cfg.hook_name + LATENTS, "d_sae": sae.cfg.d_sae,
+                         "architecture": sae.cfg.architecture,
+                         "checksum": float(sae.W_dec.detach().double().sum())} for sae in saes],
+            "tokens_per_shard": tokens_per_shard,
+            "dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
+
+
+def _shard_path(out: Path, index: int) -> Path:
+    return out / f"shard_{index:06d}.safetensors"
+
+
+def _prepare(out: Path, spec: dict[str, Any]) -> tuple[int, int]:
+    """Create or check ``out``; return (first batch to compute, number of shards on disk)."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path = out / SPEC_FILE
+    if spec_path.exists():
+        found = json.loads(spec_path.read_text())
+        if found != spec:
+            raise CacheDirError(
+                f"{out} holds a cache of {found} but this run asks for {spec}. Resume with the "
+                "same hooks, SAEs, tokens_per_shard and dtype, or use another out_dir.")
+    else:
+        _atomic_write(spec_path, json.dumps(spec, indent=1).encode())
+    for stray in out.glob("*.tmp"):
+        stray.unlink()  # a shard whose write was interrupted: written again below
+    shards = _list_shards(out)
+    if not shards:
+        return 0, 0
+    return int(_metadata(shards[-1])["batch_end"]), len(shards)
+
+
+def _list_shards(out: Path) -> list[Path]:
+    shards = sorted(out.glob("shard_*.safetensors"))
+    for i, path in enumerate(shards):
+        if path != _shard_path(out, i):
+            raise CacheDirError(
+                f"{out} has {path.name} but not {_shard_path(out, i).name}: a shard was deleted "
+                "or moved, so the cache has a hole. Restore it, or start over in a new out_dir.")
+    return shards
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def _read_batch(model: Model, tokens: Tensor, hooks: list[str], saes: list[SAE],
+                dtype: torch.dtype | None) -> dict[str, Tensor]:
+    tokens = model._tokens(tokens)  # the same checks as every run
+    _, cache = model.run_with_cache_with_saes(tokens, saes=saes, names=hooks,
+                                              use_error_term=True, sparse=True)
+    n_batch, n_pos = tokens.shape
+    rows: dict[str, Tensor] = {"tokens": tokens.reshape(-1).cpu()}
+    for hook in hooks:
+        acts = cache[hook]
+        if tuple(acts.shape[:2]) != (n_batch, n_pos):
+            raise CacheDirError(
+                f"hook {hook!r} gives activations of shape {tuple(acts.shape)}, not "
+                f"[batch, pos, ...] = [{n_batch}, {n_pos}, ...], so they cannot be stored per "
+                "token. Cache per-token hooks only (attention patterns are per query and key).")
+        rows[hook] = _cast(acts.reshape(n_batch * n_pos, *acts.shape[2:]), dtype).cpu()
+    for sae in saes:
+        key = sae.cfg.hook_name + LATENTS
+        coo = cache[key].coalesce()
+        batch_Z, pos_Z, col_Z = coo.indices()
+        crow = torch.zeros(n_batch * n_pos + 1, dtype=torch.long)
+        crow[1:] = torch.bincount(batch_Z * n_pos + pos_Z, minlength=n_batch * n_pos).cumsum(0)
+        rows[key + ".crow"] = crow
+        rows[key + ".col"] = col_Z.to(torch.int32).cpu()
+        rows[key + ".values"] = _cast(coo.values(), dtype).cpu()
+    return rows
+
+
+def _cast(x: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return x.detach().to(dtype) if dtype is not None else x.detach()
+
+
+def _write_shard(out: Path, index: int, batches: list[dict[str, Tensor]], batch_start: int,
+                 batch_end: int) -> None:
+    tensors: dict[str, Tensor] = {}
+    for key in batches[0]:
+        if key.endswith(".crow"):  # concatenated CSR: shift each batch's row offsets
+            parts, offset = [batches[0][key][:1]], 0
+            for b in batches:
+                parts.append(b[key][1:] + offset)
+                offset += int(b[key][-1])
+            tensors[key] = torch.cat(parts)
+        else:
+            tensors[key] = torch.cat([b[key] for b in batches])
+    n_tokens = tensors["tokens"].numel()
+    meta = {"batch_start": str(batch_start), "batch_end": str(batch_end),
+            "n_tokens": str(n_tokens)}
+    path = _shard_path(out, index)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    _fsync(tmp)
+    os.replace(tmp, path)  # atomic: the shard appears complete or not at all
+    _fsync(out)
+    log.info("wrote %s: batches %d-%d, %d tokens", path.name, batch_start, batch_end - 1,
+             n_tokens)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _progress_bar(progress: bool | None, batches: Iterable[Tensor], start: int) -> Any:
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    return tqdm(total=total, initial=start, disable=not show, unit="batch",
+                desc="caching activations", file=sys.stderr)
+
+
+class ActivationShards(Dataset):
+    """The shards :func:`cache_activations` wrote, as a map-style dataset of tokens.
+
+    Item ``i`` is a dict: ``"tokens"`` (the token id), each hook's activation, and each
+    SAE's latents as a dense ``[d_sae]`` row. One shard is kept in memory at a time, so read
+    in order (or shuffle within shards); :meth:`shard` gives a whole shard with its latents
+    as sparse CSR tensors.
+
+    >>> # ds = ActivationShards("acts"); loader = torch.utils.data.DataLoader(ds, batch_size=64)
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(out_dir)
+        spec_path = self.root / SPEC_FILE
+        if not spec_path.exists():
+            raise CacheDirError(f"{self.root} has no {SPEC_FILE}, so it is not a cache that "
+                                "cache_activations wrote. Pass the out_dir of such a run.")
+        self.spec = json.loads(spec_path.read_text())
+        self.paths = _list_shards(self.root)
+        sizes = [int(_metadata(p)["n_tokens"]) for p in self.paths]
+        self._starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self._loaded: tuple[int, dict[str, Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def shard(self, index: int) -> dict[str, Tensor]:
+        """All of shard ``index``: activations ``[n, ...]``; latents as sparse CSR
+        ``[n, d_sae]``."""
+        raw = load_file(str(self.paths[index]))
+        out = {k: v for k, v in raw.items() if not k.endswith((".crow", ".col", ".values"))}
+        for lat in self.spec["latents"]:
+            key = lat["key"]
+            with warnings.catch_warnings():  # "CSR support is in beta": it is what we need
+                warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+                out[key] = torch.sparse_csr_tensor(
+                    raw[key + ".crow"], raw[key + ".col"].long(), raw[key + ".values"],
+                    (raw["tokens"].numel(), lat["d_sae"]), check_invariants=True)
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"token index {i} is out of range for {len(self)} cached tokens.")
+        i %= len(self)
+        index = bisect.bisect_right(self._starts, i) - 1
+        if self._loaded is None or self._loaded[0] != index:
+            self._loaded = (index, load_file(str(self.paths[index])))
+        raw, row = self._loaded[1], i - self._starts[index]
+        item = {"tokens": raw["tokens"][row]}
+        item.update({hook: raw[hook][row] for hook in self.spec["hooks"]})
+        for lat in self.spec["latents"]:
+            key = lat["key"]
+            lo, hi = int(raw[key + ".crow"][row]), int(raw[key + ".crow"][row + 1])
+            dense = raw[key + ".values"].new_zeros(lat["d_sae"])
+            dense[raw[key + ".col"][lo:hi].long()] = raw[key + ".values"][lo:hi]
+            item[key] = dense
+        return item

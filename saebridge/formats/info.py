@@ -1,0 +1,56 @@
+"""``sb.inspect(path)``: what an SAE file is, read from its config alone.
+
+Every format reads its config without loading weights where its layout allows: SAELens,
+sparsify, Kissane and dictionary_learning from their JSON (``.pt`` tensors memory-mapped for
+their shapes), OpenAI from a memory-mapped ``.pt``, Gemma Scope from the ``.npy`` headers.
+Only a block-diagonal SAELens folder that does not record its heads has to read its weights
+to find the blocks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from saebridge.hookmap.space import ActivationSpace
+from saebridge.sae.config import SAEConfig
+
+
+@dataclass(frozen=True)
+class SAEInfo:
+    """A summary of an SAE file (``config`` holds every field)."""
+
+    format: str
+    architecture: str
+    hook_name: str
+    """Canonical site read (a transcoder's input site)."""
+    hook_name_out: str | None
+    """A transcoder's output site; None for an SAE."""
+    d_in: int
+    d_sae: int
+    space: ActivationSpace
+    """The activation space the SAE was trained in."""
+    dtype: str
+    config: SAEConfig
+
+
+def inspect(path: str | os.PathLike[str], *, format: str | None = None,
+            hook_name: str | None = None, subfolder: str | None = None) -> SAEInfo:
+    """Format, architecture, site, sizes, space and dtype of the SAE at ``path``.
+
+    >>> import tempfile, saebridge as sb
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     sb.SAE.random("topk", 4, 8, "blocks.0.hook_mlp_out", k=2).save(folder)
+    ...     info = sb.inspect(folder)
+    >>> info.format, info.architecture, info.hook_name, info.d_sae
+    ('saelens', 'topk', 'blocks.0.hook_mlp_out', 8)
+    """
+    from saebridge import formats
+    from saebridge.formats import hub
+
+    local = hub.resolve(path, subfolder)
+    name = format or formats.detect_format(local)
+    cfg = formats.read_config(local, format=name, hook_name=hook_name)
+    return SAEInfo(format=name, architecture=cfg.architecture, hook_name=cfg.hook_name,
+                   hook_name_out=getattr(cfg, "hook_name_out", None), d_in=cfg.d_in,
+                   d_sae=cfg.d_sae, space=cfg.activation_space, dtype=cfg.dtype, config=cfg)

@@ -1,0 +1,231 @@
+"""Block-diagonal per-head attention SAEs on ``hook_z``.
+
+Such an SAE reads all heads of ``attn.hook_z`` concatenated (``d_in = n_heads * d_head``),
+but head ``h`` only ever talks to its own ``m = d_sae / n_heads`` latents: the dense
+``W_enc [d_in, d_sae]`` and ``W_dec [d_sae, d_in]`` are block-diagonal, and latents
+``[h*m, (h+1)*m)`` belong to head ``h``. Here only the blocks are stored
+(``W_enc [n_heads, d_head, m]``, ``W_dec [n_heads, m, d_head]``) and the forward pass runs
+per head, never materialising the dense matrices. Everything else (biases, thresholds,
+activation, normalisation) is the dense SAE's, so the latents are exactly those of the
+dense SAE the blocks came from (TopK still ranks across all heads).
+
+Splicing a subset of heads (:meth:`BlockDiagSAE.splice_heads`) replaces only those heads'
+``z`` with their reconstruction; the other heads pass through untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from saebridge.errors import SAEConfigError, ShapeError
+from saebridge.sae.activations import SAEActivations
+from saebridge.sae.config import SAEConfig
+from saebridge.sae.model import SAE
+from saebridge.sae.params import parameter_shapes
+
+Tensor = torch.Tensor
+
+
+@dataclass(kw_only=True)
+class BlockDiagConfig(SAEConfig):
+    """An :class:`SAEConfig` for a hook_z SAE whose weights are one block per head."""
+
+    n_heads: int
+    """Number of attention heads (blocks); ``d_in`` and ``d_sae`` are multiples of it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n = self.n_heads
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 \
+                or self.d_in % n or self.d_sae % n:
+            raise SAEConfigError(
+                f"block-diagonal SAE n_heads={n!r} must be a positive integer dividing both "
+                f"d_in={self.d_in} and d_sae={self.d_sae}. Pass the model's number of heads.")
+        if not self.is_hook_z:
+            raise SAEConfigError(
+                f"a block-diagonal per-head SAE reads all heads of attn.hook_z, but its "
+                f"hook_name is {self.hook_name!r} (hook_head_index={self.hook_head_index}). "
+                "Use a dense SAE for other sites.")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_in // self.n_heads
+
+    @property
+    def latents_per_head(self) -> int:
+        return self.d_sae // self.n_heads
+
+
+class BlockDiagSAE(SAE):
+    """A hook_z SAE stored and computed per head.
+
+    >>> dense = SAE.random("topk", 8, 16, "blocks.0.attn.hook_z", k=3)
+    >>> sae = BlockDiagSAE.from_dense(block_diagonal(dense, n_heads=2), n_heads=2)
+    >>> tuple(sae.W_enc.shape), sae.head_of(9)
+    ((2, 4, 8), 1)
+    """
+
+    cfg: BlockDiagConfig
+    saelens_format: ClassVar[str] = "saelens-blockdiag"
+    """The format that ``save(format="saelens")`` writes this kind of SAE in."""
+
+    def __init__(self, cfg: BlockDiagConfig, state_dict: dict[str, Tensor] | None = None
+                 ) -> None:
+        if not isinstance(cfg, BlockDiagConfig):
+            raise SAEConfigError(f"a BlockDiagSAE needs a BlockDiagConfig, got "
+                                 f"{type(cfg).__name__}.")
+        super().__init__(cfg, state_dict)
+        self.spliced_heads: tuple[int, ...] | None = None
+
+    def _parameter_shapes(self, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+        assert isinstance(cfg, BlockDiagConfig)  # __init__ checked it
+        H, D, M = cfg.n_heads, cfg.d_head, cfg.latents_per_head
+        return {**parameter_shapes(cfg), "W_enc": (H, D, M), "W_dec": (H, M, D)}
+
+    # ---- per-head linear maps (the rest of the forward pass is SAE's) -----------------
+
+    def _enc(self, x_BD: Tensor, col_scale_F: Tensor | None = None) -> Tensor:
+        W_HDM: Tensor = self.W_enc
+        if col_scale_F is not None:
+            W_HDM = W_HDM * col_scale_F.reshape(self.cfg.n_heads, 1, -1)
+        x_BHD = x_BD.unflatten(-1, (self.cfg.n_heads, self.cfg.d_head))
+        return torch.einsum("...hd,hdm->...hm", x_BHD, W_HDM).flatten(-2)
+
+    def _dec(self, acts_BF: Tensor) -> Tensor:
+        acts_BHM = acts_BF.unflatten(-1, (self.cfg.n_heads, self.cfg.latents_per_head))
+        return torch.einsum("...hm,hmd->...hd", acts_BHM, self.W_dec).flatten(-2)
+
+    def _decoder_norms(self) -> Tensor:
+        return self.W_dec.norm(dim=-1).flatten()
+
+    def decoder_direction(self, feature: int) -> Tensor:
+        """Latent ``feature``'s direction in the concatenated ``hook_z`` space, ``[d_in]``
+        (zero outside its head)."""
+        head, row = divmod(self._check_feature(feature), self.cfg.latents_per_head)
+        out_HD = self.W_dec.new_zeros(self.cfg.n_heads, self.cfg.d_head)
+        out_HD[head] = self.W_dec[head, row]
+        return out_HD.flatten()
+
+    # ---- heads ------------------------------------------------------------------------
+
+    def head_of(self, feature: int | Tensor) -> int | Tensor:
+        """The head that latent ``feature`` belongs to (elementwise for a tensor)."""
+        if isinstance(feature, Tensor):
+            return torch.div(feature, self.cfg.latents_per_head, rounding_mode="floor")
+        return self._check_feature(feature) // self.cfg.latents_per_head
+
+    def features_of(self, head: int) -> range:
+        """The latents that belong to ``head``."""
+        m = self.cfg.latents_per_head
+        return range(self._check_head(head) * m, (head + 1) * m)
+
+    def splice_heads(self, heads: Iterable[int]) -> BlockDiagSAE:
+        """This SAE (sharing its weights) splicing only ``heads``: their ``z`` becomes the
+        reconstruction, every other head passes through unchanged. Latents are computed for
+        all heads, exactly as in the full SAE.
+
+        >>> dense = SAE.random("standard", 8, 16, "blocks.0.attn.hook_z")
+        >>> sae = BlockDiagSAE.from_dense(block_diagonal(dense, 2), 2).splice_heads([1])
+        >>> x = torch.randn(3, 2, 4)
+        >>> torch.equal(sae(x)[:, 0], x[:, 0])
+        True
+        """
+        chosen = tuple(sorted({self._check_head(h) for h in heads}))
+        if not chosen:
+            raise SAEConfigError("splice_heads() got no heads. Name at least one head.")
+        sae = type(self)(self.cfg, {n: p.detach() for n, p in self.named_parameters()})
+        sae.spliced_heads = chosen
+        return sae
+
+    def run(self, x: Tensor) -> SAEActivations:
+        acts = super().run(x)
+        if self.spliced_heads is None:
+            return acts
+        keep_H = torch.ones(self.cfg.n_heads, dtype=torch.bool, device=x.device)
+        keep_H[list(self.spliced_heads)] = False
+        x_BHD = acts.sae_input.unflatten(-1, (self.cfg.n_heads, self.cfg.d_head))
+        recons_BHD = acts.recons.reshape(x_BHD.shape).clone()
+        recons_BHD[..., keep_H, :] = x_BHD[..., keep_H, :]
+        return acts._replace(recons=recons_BHD.reshape(acts.recons.shape))
+
+    # ---- dense <-> blocks -------------------------------------------------------------
+
+    @classmethod
+    def from_dense(cls, sae: SAE, n_heads: int) -> BlockDiagSAE:
+        """Compact a dense hook_z SAE whose weights are exactly block-diagonal.
+
+        Raises:
+            ShapeError: some weight outside the diagonal blocks is not exactly zero.
+        """
+        cfg = BlockDiagConfig(**sae.cfg.to_dict(), n_heads=n_heads)
+        if not is_block_diagonal(sae.W_enc, sae.W_dec, n_heads):
+            raise ShapeError(
+                f"the SAE at {sae.cfg.hook_name!r} is not block-diagonal over {n_heads} heads "
+                "(some weight outside the diagonal blocks is non-zero). Use it as a dense SAE.")
+        H, D, M = n_heads, cfg.d_head, cfg.latents_per_head
+        idx = torch.arange(H, device=sae.W_enc.device)
+        tensors = {n: p.detach() for n, p in sae.named_parameters()}
+        tensors["W_enc"] = sae.W_enc.detach().reshape(H, D, H, M)[idx, :, idx]
+        tensors["W_dec"] = sae.W_dec.detach().reshape(H, M, H, D)[idx, :, idx]
+        return cls(cfg, tensors)
+
+    def to_dense(self) -> SAE:
+        """The equivalent dense SAE (block-diagonal ``W_enc``/``W_dec``), e.g. for saving."""
+        cfg = SAEConfig(**{k: v for k, v in self.cfg.to_dict().items() if k != "n_heads"})
+        tensors = {n: p.detach() for n, p in self.named_parameters()}
+        tensors["W_enc"] = torch.block_diag(*self.W_enc.detach())
+        tensors["W_dec"] = torch.block_diag(*self.W_dec.detach())
+        return SAE(cfg, tensors)
+
+    def _check_feature(self, feature: int) -> int:
+        if not 0 <= int(feature) < self.cfg.d_sae:
+            raise ShapeError(f"latent {feature} is out of range for an SAE with d_sae="
+                             f"{self.cfg.d_sae}. Use 0 <= feature < {self.cfg.d_sae}.")
+        return int(feature)
+
+    def _check_head(self, head: int) -> int:
+        if not 0 <= int(head) < self.cfg.n_heads:
+            raise ShapeError(f"head {head} is out of range for an SAE over {self.cfg.n_heads} "
+                             f"heads. Use 0 <= head < {self.cfg.n_heads}.")
+        return int(head)
+
+
+def is_block_diagonal(W_enc_DF: Tensor, W_dec_FD: Tensor, n_heads: int) -> bool:
+    """Whether both dense matrices are exactly zero outside ``n_heads`` diagonal blocks."""
+    d_in, d_sae = W_enc_DF.shape
+    if n_heads < 1 or d_in % n_heads or d_sae % n_heads:
+        return False
+    H, D, M = n_heads, d_in // n_heads, d_sae // n_heads
+    off_HH = ~torch.eye(H, dtype=torch.bool, device=W_enc_DF.device)
+    enc_HH = W_enc_DF.reshape(H, D, H, M).ne(0).any(dim=(1, 3))
+    dec_HH = W_dec_FD.reshape(H, M, H, D).ne(0).any(dim=(1, 3))
+    return not bool((enc_HH & off_HH).any() or (dec_HH & off_HH).any())
+
+
+def find_n_heads(W_enc_DF: Tensor, W_dec_FD: Tensor) -> int | None:
+    """The finest block-diagonal split of a dense SAE's weights (> 1 block), or None.
+
+    Candidates are the common divisors of ``d_in`` and ``d_sae``, tried from the largest.
+    """
+    d_in, d_sae = W_enc_DF.shape
+    g = math.gcd(d_in, d_sae)
+    for n in sorted((n for n in range(2, g + 1) if g % n == 0), reverse=True):
+        if is_block_diagonal(W_enc_DF, W_dec_FD, n):
+            return n
+    return None
+
+
+def block_diagonal(sae: SAE, n_heads: int) -> SAE:
+    """A copy of a dense hook_z SAE with every weight outside the head blocks set to zero
+    (for tests and examples; the result is exactly block-diagonal)."""
+    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+    mask_DF = torch.block_diag(*[torch.ones(d_in // n_heads, d_sae // n_heads)] * n_heads)
+    tensors = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    tensors["W_enc"] = tensors["W_enc"] * mask_DF.to(tensors["W_enc"])
+    tensors["W_dec"] = tensors["W_dec"] * mask_DF.T.to(tensors["W_dec"])
+    return SAE(sae.cfg, tensors)
