@@ -42,10 +42,44 @@ def _hf(hf: Any, tok: Any) -> Model:
     return wrap(hf, tokenizer=tok)
 
 
+def _bridge(compat: bool) -> Callable[[Any, Any], Model]:
+    def build(hf: Any, tok: Any) -> Model:
+        from saebridge import wrap
+        from saebridge.adapters.tl_bridge import bridge_from_hf
+
+        return wrap(bridge_from_hf(hf, compatibility_mode=compat, tokenizer=tok))
+    return build
+
+
+def _nnsight_hf(hf: Any, tok: Any) -> Model:
+    import copy
+    import warnings
+
+    import nnsight
+
+    from saebridge import wrap
+
+    with warnings.catch_warnings():  # LanguageModel is deprecated in nnsight 0.8, still common
+        warnings.simplefilter("ignore", nnsight.NNsightDeprecationWarning)
+        # Copies: nnsight installs controllers on the modules and edits the tokenizer.
+        return wrap(nnsight.LanguageModel(copy.deepcopy(hf), tokenizer=copy.deepcopy(tok)))
+
+
+def _nnsight_tl(hf: Any, tok: Any) -> Model:
+    from saebridge import wrap
+    from saebridge.adapters.nnsight import UnifiedTransformer
+
+    return wrap(UnifiedTransformer(hf, tokenizer=tok))
+
+
 BACKENDS: dict[str, tuple[str, Callable[[Any, Any], Model]]] = {
     "hf": ("transformers", _hf),
     "tl-processed": ("transformer_lens", _tl(processed=True)),
     "tl-unprocessed": ("transformer_lens", _tl(processed=False)),
+    "bridge": ("transformer_lens", _bridge(compat=False)),
+    "bridge-compat": ("transformer_lens", _bridge(compat=True)),
+    "nnsight-hf": ("nnsight", _nnsight_hf),
+    "nnsight-tl": ("nnsight", _nnsight_tl),
 }
 """Backend label → (the package it needs, a builder from an HF model and tokenizer)."""
 

@@ -164,7 +164,8 @@ def test_two_threads_with_different_saes_both_get_their_results(models, backend)
         t.join()
     for i in range(2):
         assert len(results[i]) == 5
-        assert all(torch.equal(r, expected[i]) for r in results[i])
+        for r in results[i]:  # new threads may use another intra-op thread count: not bitwise
+            torch.testing.assert_close(r, expected[i], atol=1e-5, rtol=0)
     assert _no_hooks_left(model)
 
 

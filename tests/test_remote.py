@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -178,7 +179,9 @@ def serve(blobs: list[bytes], tiny_dir, tmp_path) -> dict:
     (tmp_path / "server.py").write_text(SERVER)
     done = subprocess.run([sys.executable, str(tmp_path / "server.py"), str(tiny_dir),
                            str(requests), str(out)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300,
+                          # The same thread count as here, so reductions (and bits) match.
+                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     assert done.returncode == 0, done.stderr[-4000:]
     served = torch.load(out, weights_only=True)
     assert served["leaked"] == []

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from saebridge.errors import RegistryError, SAEFormatError, UnsupportedArchitectureError, unknown
+from saebridge.errors import (
+    RegistryError,
+    SAEBridgeError,
+    SAEFormatError,
+    UnsupportedArchitectureError,
+    unknown,
+)
 
 if TYPE_CHECKING:
     from saebridge.sae import SAE, SAEConfig
@@ -114,10 +120,24 @@ def detect_format(path: PathLike) -> str:
 
 
 def _call(fn: Any, path: Path, hook_name: str | None, **kwargs: Any) -> Any:
-    """Call a format's read_config/load, passing ``hook_name`` when it takes one."""
+    """Call a format's read_config/load, passing ``hook_name`` when it takes one.
+
+    Files on disk are untrusted input: a value of the wrong type or shape deep in a loader
+    (a scalar where a matrix belongs, a list where a name belongs) becomes an
+    :class:`SAEFormatError` naming the file and the cause, never an unrelated crash.
+    """
     if hook_name is not None and "hook_name" in inspect.signature(fn).parameters:
-        return fn(path, hook_name=hook_name, **kwargs)
-    return fn(path, **kwargs)
+        kwargs["hook_name"] = hook_name
+    try:
+        return fn(path, **kwargs)
+    except SAEBridgeError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as err:
+        name = fn.__module__.rsplit(".", 1)[-1]
+        raise SAEFormatError(
+            f"{str(path)!r} is not a readable {name} SAE: its files do not have the layout and "
+            f"types that format writes ({type(err).__name__}: {err}). Check the files, or "
+            "pass format= if another format was meant.") from err
 
 
 def read_config(path: PathLike, format: str | None = None, *, hook_name: str | None = None,

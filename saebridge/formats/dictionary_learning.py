@@ -115,7 +115,7 @@ def _trainer(folder: Path) -> dict[str, Any]:
     if not isinstance(trainer, dict) or "dict_class" not in trainer:
         raise SAEFormatError(f"{str(folder / CFG_FILENAME)!r} has no trainer.dict_class; "
                              "dictionary_learning writes {'trainer': {...}, 'buffer': {...}}.")
-    if trainer["dict_class"] not in CLASSES:
+    if not isinstance(trainer["dict_class"], str) or trainer["dict_class"] not in CLASSES:
         raise SAEConfigError(
             f"dictionary_learning dict_class {trainer['dict_class']!r} is not supported; valid: "
             f"{', '.join(CLASSES)}.")

@@ -48,7 +48,7 @@ def detect(path: Path) -> bool:
         raw = read_json(folder / saelens.SAE_CFG_FILENAME, "")
     except SAEFormatError:
         return False
-    return isinstance(raw, dict) and raw.get("architecture") in ARCHITECTURES
+    return isinstance(raw, dict) and str(raw.get("architecture")) in ARCHITECTURES
 
 
 def read_config(path: Path, hook_name: str | None = None) -> TranscoderConfig:
@@ -78,7 +78,7 @@ def save(sae: SAE, path: Path) -> None:
 
 
 def _parse(raw: Any, hook_name: str | None) -> TranscoderConfig:
-    if not isinstance(raw, dict) or raw.get("architecture") not in ARCHITECTURES:
+    if not isinstance(raw, dict) or str(raw.get("architecture")) not in ARCHITECTURES:
         raise SAEFormatError(f"cfg.json is not a SAELens transcoder config (architecture must "
                              f"be one of {', '.join(ARCHITECTURES)}).")
     meta = copy.deepcopy(raw.get("metadata") or {})
