@@ -33,7 +33,6 @@ from saebridge.adapters.nnsight_remote import (
 from saebridge.errors import (
     SAEConfigError,
     SpaceConversionError,
-    TokensError,
     UnknownHookError,
     UnsupportedArchitectureError,
 )
@@ -230,13 +229,8 @@ class RemoteModel(Model):
                  use_error_term: bool = False) -> Tensor:
         """As :meth:`saebridge.Model.generate`, as one remote request."""
         adapter: Any = self._adapter
-        toks = self._tokens(tokens)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 0:
-            raise TokensError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
-        ops = expand([*self._attached, *(Splice(s, use_error_term) for s in saes),
-                      *interventions])
-        self._check_model_name(ops)
+        toks, ops = self._generation_ops(tokens, max_new_tokens, interventions, saes,
+                                         use_error_term)
         with self._lock, torch.no_grad():
             self._plan(toks, ops, None, [])
             visits, _ = compile_ops(adapter, ops, [], record=False)

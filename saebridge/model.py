@@ -299,6 +299,19 @@ class Model:
         """
         return self._run(tokens, list(interventions))[0]
 
+    def _generation_ops(self, tokens: TokensLike, max_new_tokens: int,
+                        interventions: Sequence[Intervention], saes: Sequence[SAE],
+                        use_error_term: bool) -> tuple[Tensor, list[Intervention]]:
+        """Validated tokens and the op list every step of a generation applies."""
+        toks = self._tokens(tokens)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 0:
+            raise TokensError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
+        ops = expand([*self._attached, *(Splice(s, use_error_term) for s in saes),
+                      *interventions])
+        self._check_model_name(ops)
+        return toks, ops
+
     def generate(self, tokens: TokensLike, max_new_tokens: int,
                  interventions: Sequence[Intervention] = (), saes: Sequence[SAE] = (),
                  use_error_term: bool = False) -> Tensor:
@@ -314,13 +327,8 @@ class Model:
         """
         from saebridge.generate import greedy
 
-        toks = self._tokens(tokens)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 0:
-            raise TokensError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
-        ops = expand([*self._attached, *(Splice(s, use_error_term) for s in saes),
-                      *interventions])
-        self._check_model_name(ops)
+        toks, ops = self._generation_ops(tokens, max_new_tokens, interventions, saes,
+                                         use_error_term)
 
         def edits_for(tokens_BP: Tensor) -> dict[str, SiteFn]:
             return self._plan(tokens_BP, ops, None, [])

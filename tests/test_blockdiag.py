@@ -14,6 +14,7 @@ from saebridge import formats
 from saebridge.errors import ModelMismatchWarning, ShapeError
 from saebridge.sae import SAE
 from saebridge.sae.blockdiag import BlockDiagSAE, block_diagonal
+from saebridge.testing import assert_round_trip
 from saebridge.tolerance import logprob_atol
 
 pytestmark = pytest.mark.filterwarnings(f"ignore::{ModelMismatchWarning.__module__}."
@@ -167,15 +168,6 @@ def test_kissane_math_and_splice(tmp_path: Path, models) -> None:
     x = torch.randn(5, H * DH, generator=torch.Generator().manual_seed(4))
     acts = torch.relu((x - sd["b_dec"]) @ sd["W_enc"] + sd["b_enc"])  # their forward
     torch.testing.assert_close(sae(x), acts @ sd["W_dec"] + sd["b_dec"])
-    assert_converts(sae, tmp_path / "converted")
+    assert_round_trip(sae, tmp_path / "converted")
     out = _logprobs(models, [sae])["hf"]
     assert (out - models("hf")(TOKENS).log_softmax(-1)).abs().max() > 100 * TOL
-
-
-def assert_converts(sae: SAE, folder: Path) -> None:
-    """Conversion to a SAELens folder, and back, loses nothing."""
-    sae.save(folder)
-    back = SAE.load(folder)
-    assert type(back) is type(sae) and back.cfg == sae.cfg
-    for name, tensor in sae.state_dict().items():
-        assert torch.equal(back.state_dict()[name], tensor), name

@@ -16,6 +16,7 @@ import torch
 import saebridge as sb
 from saebridge.errors import SpaceConversionError, UnknownHookError, UnsupportedArchitectureError
 from saebridge.hookmap import hook_map, names
+from saebridge.testing import Record
 from saebridge.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
 from saebridge.tolerance import logprob_atol
 
@@ -118,7 +119,7 @@ def test_grouped_query_value_bias_conversion_on_a_raw_bridge():
         torch.testing.assert_close(got[name], ref[name], atol=5e-5, rtol=1e-4, msg=name)
     b_V = hf.model.layers[1].self_attn.v_proj.bias.unflatten(0, (2, 16))
     grab: dict[str, torch.Tensor] = {}
-    raw.run_with_interventions(tokens, [_Grab("blocks.1.attn.hook_v", grab)])
+    raw.run_with_interventions(tokens, [Record("blocks.1.attn.hook_v", grab)])
     torch.testing.assert_close(grab["blocks.1.attn.hook_v"] - b_V, ref["blocks.1.attn.hook_v"],
                                atol=5e-5, rtol=1e-4)
 
@@ -201,12 +202,3 @@ def test_unknown_and_read_only_hooks(gpt2):
                                                        torch.zeros(4))])
 
 
-class _Grab:
-    writes = False
-
-    def __init__(self, hook: str, out: dict) -> None:
-        self.hook, self.out = hook, out
-
-    def apply(self, x, ctx):
-        self.out[self.hook] = x
-        return x

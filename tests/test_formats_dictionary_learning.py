@@ -13,6 +13,7 @@ import torch
 from saebridge import formats
 from saebridge.errors import ModelMismatchWarning, SAEConfigError, SAEFormatError
 from saebridge.sae import SAE
+from saebridge.testing import assert_round_trip
 from saebridge.tolerance import logprob_atol
 
 pytestmark = pytest.mark.filterwarnings(f"ignore::{ModelMismatchWarning.__module__}."
@@ -119,7 +120,7 @@ def test_math_matches_each_class(tmp_path: Path, dict_class: str) -> None:
     torch.testing.assert_close(sae.encode(x), latents, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sae(x), recons, atol=1e-5, rtol=1e-5)
     assert formats.read_config(folder) == sae.cfg
-    assert_converts(sae, tmp_path / "converted")
+    assert_round_trip(sae, tmp_path / "converted")
 
 
 def test_site_from_folder_name_and_override(tmp_path: Path) -> None:
@@ -155,12 +156,3 @@ def test_splice_agrees_across_backends(tmp_path: Path, models, dict_class: str) 
     for backend, logprobs in out.items():
         assert (logprobs - out["hf"]).abs().max() <= TOL, backend
     assert (out["hf"] - models("hf")(tokens).log_softmax(-1)).abs().max() > 100 * TOL
-
-
-def assert_converts(sae: SAE, folder: Path) -> None:
-    """Conversion to a SAELens folder, and back, loses nothing."""
-    sae.save(folder)
-    back = SAE.load(folder)
-    assert type(back) is type(sae) and back.cfg == sae.cfg
-    for name, tensor in sae.state_dict().items():
-        assert torch.equal(back.state_dict()[name], tensor), name

@@ -12,6 +12,7 @@ import torch
 from saebridge import formats
 from saebridge.errors import ModelMismatchWarning, SAEFormatError, UnknownHookError
 from saebridge.sae import SAE
+from saebridge.testing import assert_round_trip
 from saebridge.tolerance import logprob_atol
 
 pytestmark = pytest.mark.filterwarnings(f"ignore::{ModelMismatchWarning.__module__}."
@@ -58,7 +59,7 @@ def test_math_and_release_sites(tmp_path: Path) -> None:
     assert not c.apply_b_dec_to_input and c.activation_space.name == "hf"
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(sae(x), reference(p, x))
-    assert_converts(sae, tmp_path / "converted")
+    assert_round_trip(sae, tmp_path / "converted")
     cases = {("gemma-scope-9b-it-mlp", "layer_3/width_131k/average_l0_12"):
              "blocks.3.hook_mlp_out",
              ("gemma-scope-2b-pt-att", "layer_5/width_16k/average_l0_40"): "blocks.5.attn.hook_z",
@@ -126,12 +127,3 @@ def test_splice_agrees_across_backends(tmp_path: Path, models, release: str, lay
     for backend, logprobs in out.items():
         assert (logprobs - out["hf"]).abs().max() <= TOL, backend
     assert (out["hf"] - models("hf")(tokens).log_softmax(-1)).abs().max() > 100 * TOL
-
-
-def assert_converts(sae: SAE, folder: Path) -> None:
-    """Conversion to a SAELens folder, and back, loses nothing."""
-    sae.save(folder)
-    back = SAE.load(folder)
-    assert type(back) is type(sae) and back.cfg == sae.cfg
-    for name, tensor in sae.state_dict().items():
-        assert torch.equal(back.state_dict()[name], tensor), name

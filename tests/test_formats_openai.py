@@ -12,6 +12,7 @@ from saebridge import formats
 from saebridge.errors import ModelMismatchWarning, SAEFormatError, UnknownHookError
 from saebridge.formats import openai
 from saebridge.sae import SAE
+from saebridge.testing import assert_round_trip
 from saebridge.tolerance import logprob_atol
 
 pytestmark = pytest.mark.filterwarnings(f"ignore::{ModelMismatchWarning.__module__}."
@@ -85,7 +86,7 @@ def test_math_matches_their_forward(tmp_path: Path, topk: int | None) -> None:
     latents, recons = reference(sd, x)
     torch.testing.assert_close(sae.encode(x), latents)
     torch.testing.assert_close(sae(x), recons)
-    assert_converts(sae, tmp_path / "converted")
+    assert_round_trip(sae, tmp_path / "converted")
 
 
 def test_locations_and_versions(tmp_path: Path) -> None:
@@ -148,12 +149,3 @@ def test_splice_agrees_across_backends(tmp_path: Path, models, location: str, d_
     sae = SAE.load(write(tmp_path, location, 1, openai_state_dict(d_in, 96, topk=topk, seed=3)))
     tokens = torch.randint(1, 384, (2, 7), generator=torch.Generator().manual_seed(0))
     _backends_agree(models, sae, tokens)
-
-
-def assert_converts(sae: SAE, folder: Path) -> None:
-    """Conversion to a SAELens folder, and back, loses nothing."""
-    sae.save(folder)
-    back = SAE.load(folder)
-    assert type(back) is type(sae) and back.cfg == sae.cfg
-    for name, tensor in sae.state_dict().items():
-        assert torch.equal(back.state_dict()[name], tensor), name

@@ -14,6 +14,7 @@ from saebridge import formats
 from saebridge.errors import ModelMismatchWarning, SAEConfigError, UnknownHookError
 from saebridge.sae import SAE
 from saebridge.sae.transcoder import Transcoder
+from saebridge.testing import assert_round_trip
 from saebridge.tolerance import logprob_atol
 
 pytestmark = pytest.mark.filterwarnings(f"ignore::{ModelMismatchWarning.__module__}."
@@ -67,7 +68,7 @@ def test_sae_math_and_site(tmp_path: Path) -> None:
     torch.testing.assert_close(sae(x), reference(folder, x))
     # W_dec is stored [num_latents, d_in], SAELens's orientation: not transposed.
     assert torch.equal(sae.W_dec, load_file(str(folder / "sae.safetensors"))["W_dec"])
-    assert_converts(sae, tmp_path / "converted")
+    assert_round_trip(sae, tmp_path / "converted")
 
 
 @pytest.mark.parametrize("skip", [False, True])
@@ -80,7 +81,7 @@ def test_transcoder_math_and_sites(tmp_path: Path, skip: bool) -> None:
     assert not tc.cfg.apply_b_dec_to_input and tc.cfg.skip == skip
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(tc(x), reference(folder, x))
-    assert_converts(tc, tmp_path / "converted")
+    assert_round_trip(tc, tmp_path / "converted")
     info = formats.read_config(tmp_path / "h.0.mlp.act")
     assert info.hook_name_out == "blocks.0.mlp.hook_post"  # type: ignore[attr-defined]
 
@@ -162,15 +163,6 @@ def test_transcoder_error_term_and_cache(models, tmp_path: Path) -> None:
         acts = cache["blocks.1.ln2.hook_normalized.hook_sae_acts_post"]
         assert acts.shape == (2, 7, 96) and int((acts[0, 0] != 0).sum()) <= 8
         assert cache["blocks.1.ln2.hook_normalized.hook_sae_recons"].shape == (2, 7, 64)
-
-
-def assert_converts(sae: SAE, folder: Path) -> None:
-    """Conversion to a SAELens folder, and back, loses nothing."""
-    sae.save(folder)
-    back = SAE.load(folder)
-    assert type(back) is type(sae) and back.cfg == sae.cfg
-    for name, tensor in sae.state_dict().items():
-        assert torch.equal(back.state_dict()[name], tensor), name
 
 
 @pytest.mark.parametrize(("family", "transcoder", "skip"), [

@@ -7,6 +7,7 @@ import torch
 
 import saebridge as sb
 from saebridge.errors import ShapeError, TokensError, UnknownHookError
+from saebridge.testing import RaiseAt, hooks_left
 
 BACKENDS = ["hf", "tl-processed", "tl-unprocessed"]
 
@@ -17,13 +18,6 @@ def sae():
                          activation_space="tl-processed")
 
 
-def _no_hooks_left(model: sb.Model) -> bool:
-    inner = model.adapter.model
-    if model.backend == "transformer_lens":
-        return all(not hp.fwd_hooks for hp in inner.hook_dict.values())
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in inner.modules())
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_run_with_saes_is_stateless(models, sae, backend):
     model = models(backend)
@@ -32,7 +26,7 @@ def test_run_with_saes_is_stateless(models, sae, backend):
     spliced = model.run_with_saes(tokens, saes=[sae])
     assert (spliced - before).abs().max() > 1e-3  # the splice did something
     assert torch.equal(model(tokens), before)
-    assert _no_hooks_left(model)
+    assert hooks_left(model) == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -52,16 +46,6 @@ def test_add_sae_reset_and_context_manager(models, sae, backend):
     assert torch.equal(model(tokens), clean)
 
 
-class _Raises:
-    writes = True
-
-    def __init__(self, hook: str) -> None:
-        self.hook = hook
-
-    def apply(self, x, ctx):
-        raise RuntimeError("user code failed mid-forward")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z",
                                   "blocks.1.hook_resid_mid", "ln_final.hook_normalized"])
@@ -71,8 +55,9 @@ def test_exception_mid_forward_leaves_no_state(models, sae, backend, hook):
     before = model(tokens)
     params = {k: v.clone() for k, v in model.adapter.model.state_dict().items()}
     with pytest.raises(RuntimeError, match="mid-forward"):
-        model.run_with_interventions(tokens, [sb.Steer.from_sae(sae, 0), _Raises(hook)])
-    assert _no_hooks_left(model)
+        failing = RaiseAt(hook, RuntimeError("user code failed mid-forward"))
+        model.run_with_interventions(tokens, [sb.Steer.from_sae(sae, 0), failing])
+    assert hooks_left(model) == 0
     assert torch.equal(model(tokens), before)
     for k, v in model.adapter.model.state_dict().items():
         assert torch.equal(v, params[k]), k
@@ -132,7 +117,7 @@ def test_errors_before_the_forward(models, backend):
     wide = sb.SAE.random("standard", 32, 16, "blocks.0.hook_resid_pre")
     with pytest.raises(ShapeError, match=r"d_in=32.*width 64"):
         model.run_with_saes("Hello", saes=[wide])
-    assert _no_hooks_left(model)
+    assert hooks_left(model) == 0
 
 
 def test_wrap_refuses_unknown_objects():

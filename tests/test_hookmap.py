@@ -8,6 +8,7 @@ import torch
 import saebridge as sb
 from saebridge.errors import UnknownHookError
 from saebridge.hookmap import hook_map, names, resolve
+from saebridge.testing import Record
 
 REQUIRED = ["hook_embed", "hook_pos_embed", "ln_final.hook_normalized"] + [
     f"blocks.1.{n}" for n in (
@@ -59,23 +60,10 @@ def test_hf_native_activations_equal_unprocessed_tl(models):
     seen: dict[str, dict[str, torch.Tensor]] = {}
     for backend in ("hf", "tl-unprocessed"):
         model, seen[backend] = models(backend), {}
-        grab = [_Grab(n, seen[backend]) for n in model.hook_names()]
+        grab = [Record(n, seen[backend]) for n in model.hook_names()]
         model.run_with_interventions(tokens, grab)
     for name, value in seen["tl-unprocessed"].items():
         torch.testing.assert_close(seen["hf"][name], value, atol=2e-5, rtol=1e-4, msg=name)
-
-
-class _Grab:
-    """Test intervention: records the native value at a hook, changes nothing."""
-
-    writes = False
-
-    def __init__(self, hook: str, out: dict, space: sb.ActivationSpace | None = None) -> None:
-        self.hook, self.out, self.space = hook, out, space
-
-    def apply(self, x, ctx):
-        self.out[self.hook] = x if self.space is None else ctx.convert(self.space, x).forward(x)
-        return x
 
 
 def test_processed_to_raw_conversion_rebuilds_the_raw_stream(models):
@@ -83,12 +71,12 @@ def test_processed_to_raw_conversion_rebuilds_the_raw_stream(models):
     tracker from hook_z / mlp.hook_post. Compared with HF's native activations."""
     tokens = models("hf").to_tokens("Layer norm reads the stream")
     raw: dict[str, torch.Tensor] = {}
-    models("hf").run_with_interventions(tokens, [_Grab(n, raw) for n in models("hf").hook_names()])
+    models("hf").run_with_interventions(tokens, [Record(n, raw) for n in models("hf").hook_names()])
     tl = models("tl-processed")
     back: dict[str, torch.Tensor] = {}
     # An SAE op in raw space makes the engine build the tracker; reuse it via a real SAE.
     sae = sb.SAE.random("standard", 64, 32, "blocks.1.hook_resid_post", activation_space="hf")
-    grabs = [_Grab(n, back, sb.ActivationSpace.parse("hf")) for n in tl.hook_names()
+    grabs = [Record(n, back, sb.ActivationSpace.parse("hf")) for n in tl.hook_names()
              if n.split(".")[-1] != "hook_pattern"]
     tl.run_with_interventions(tokens, [*grabs, sb.Splice(sae, use_error_term=True)])
     for name, value in back.items():

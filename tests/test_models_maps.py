@@ -11,6 +11,7 @@ import torch
 import saebridge as sb
 from saebridge.errors import UnknownHookError, UnsupportedArchitectureError
 from saebridge.hookmap import hook_map, names
+from saebridge.testing import Record
 from saebridge.tiny import tiny_gemma2, tiny_llama, tiny_neox, tiny_tokenizer
 
 tla = pytest.importorskip("saebridge.adapters.transformer_lens")
@@ -199,7 +200,7 @@ def test_the_sites_processing_changes_are_the_documented_ones(arch_models, famil
     native: dict[str, dict[str, torch.Tensor]] = {}
     for key, model in (("hf", hf), ("processed", compat)):
         native[key] = {}
-        model.run_with_interventions(tokens, [_Grab(n, native[key]) for n in model.hook_names()])
+        model.run_with_interventions(tokens, [Record(n, native[key]) for n in model.hook_names()])
     changed = {n.split(".", 2)[-1] if n.startswith("blocks.") else n
                for n in native["hf"]
                if (native["hf"][n] - native["processed"][n]).abs().max() > 1e-4}
@@ -294,12 +295,3 @@ def test_tl_weights_equal_transformer_lens_own_converter(arch_models, family):
         torch.testing.assert_close(ours[key].float(), value.float(), msg=key)
 
 
-class _Grab:
-    writes = False
-
-    def __init__(self, hook: str, out: dict) -> None:
-        self.hook, self.out = hook, out
-
-    def apply(self, x, ctx):
-        self.out[self.hook] = x
-        return x

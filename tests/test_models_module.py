@@ -12,6 +12,7 @@ from torch import nn
 
 import saebridge as sb
 from saebridge.errors import UnknownHookError
+from saebridge.testing import RaiseAt, Record, hooks_left
 from saebridge.tiny import tiny_gpt2, tiny_tokenizer
 from saebridge.tolerance import logprob_atol
 
@@ -118,7 +119,7 @@ def test_cache_equals_hf_gpt2_at_every_hook(pair):
     # The home-made model is never processed: its cache is its raw activations, and the
     # HF cache is canonical (centred), so compare HF's raw activations through a grab.
     raw: dict[str, torch.Tensor] = {}
-    hf.run_with_interventions(tokens, [_Grab(n, raw) for n in mine.hook_names()])
+    hf.run_with_interventions(tokens, [Record(n, raw) for n in mine.hook_names()])
     for name, value in mine_cache.items():
         torch.testing.assert_close(value, raw[name], atol=1e-4, rtol=1e-4, msg=name)
 
@@ -146,8 +147,9 @@ def test_no_hook_is_left_behind_even_when_a_forward_raises(pair):
     module = mine.adapter.model
     tokens = mine.to_tokens("Hello")
     with pytest.raises(Exception, match="boom"):
-        mine.run_with_interventions(tokens, [_Boom("blocks.0.hook_attn_out")])
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+        mine.run_with_interventions(tokens, [RaiseAt("blocks.0.hook_attn_out",
+                                                     RuntimeError("boom"))])
+    assert hooks_left(module) == 0
 
 
 def test_bad_hook_maps_say_what_is_wrong():
@@ -161,22 +163,3 @@ def test_bad_hook_maps_say_what_is_wrong():
         wrapped.run_with_cache(torch.tensor([[1, 2, 3]]), names=["blocks.0.hook_mlp_out"])
 
 
-class _Grab:
-    writes = False
-
-    def __init__(self, hook: str, out: dict) -> None:
-        self.hook, self.out = hook, out
-
-    def apply(self, x, ctx):
-        self.out[self.hook] = x
-        return x
-
-
-class _Boom:
-    writes = False
-
-    def __init__(self, hook: str) -> None:
-        self.hook = hook
-
-    def apply(self, x, ctx):
-        raise RuntimeError("boom")

@@ -14,6 +14,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import saebridge as sb
+from saebridge.testing import Record
 from saebridge.tolerance import logprob_atol
 
 TOL = logprob_atol(torch.float32)
@@ -136,7 +137,7 @@ def test_native_activations_agree_between_raw_backends(arch_models, family, fami
     for backend in raw:
         model, seen[backend] = arch_models(family, backend), {}
         assert model.space.name == "hf", backend
-        model.run_with_interventions(tokens, [_Grab(n, seen[backend])
+        model.run_with_interventions(tokens, [Record(n, seen[backend])
                                               for n in model.hook_names()])
     for backend in raw[1:]:
         assert set(seen[backend]) == set(seen["hf"]), backend
@@ -145,14 +146,3 @@ def test_native_activations_agree_between_raw_backends(arch_models, family, fami
                                        msg=f"{name} on {backend}")
 
 
-class _Grab:
-    """Test intervention: records the native value at a hook, changes nothing."""
-
-    writes = False
-
-    def __init__(self, hook: str, out: dict) -> None:
-        self.hook, self.out = hook, out
-
-    def apply(self, x, ctx):
-        self.out[self.hook] = x
-        return x

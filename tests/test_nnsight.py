@@ -8,6 +8,7 @@ import torch
 
 import saebridge as sb
 from saebridge.errors import SpaceConversionError, TokensError, UnknownHookError
+from saebridge.testing import RaiseAt
 from saebridge.tolerance import logprob_atol
 
 nnsight = pytest.importorskip("nnsight")
@@ -93,16 +94,6 @@ def test_a_site_reached_several_times_is_edited_every_time(models, tokens):
     assert same_logprobs(got, models("hf").run_with_interventions(tokens, [steer]))
 
 
-class _Raises:
-    writes = True
-
-    def __init__(self, hook: str) -> None:
-        self.hook = hook
-
-    def apply(self, x, ctx):
-        raise RuntimeError("user code failed mid-forward")
-
-
 @pytest.mark.parametrize("backend", NNSIGHT)
 @pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z",
                                   "blocks.1.hook_resid_mid", "ln_final.hook_normalized"])
@@ -112,7 +103,8 @@ def test_an_error_mid_trace_leaves_no_state(models, sae, tokens, backend, hook):
     before = model(tokens)
     params = {k: v.clone() for k, v in envoy._module.state_dict().items()}
     with pytest.raises(RuntimeError, match="mid-forward"):
-        model.run_with_interventions(tokens, [sb.Steer.from_sae(sae, 0), _Raises(hook)])
+        failing = RaiseAt(hook, RuntimeError("user code failed mid-forward"))
+        model.run_with_interventions(tokens, [sb.Steer.from_sae(sae, 0), failing])
     assert not envoy.interleaver.mediators and not envoy.interleaver.interleaving
     assert all(not m._forward_hooks and not m._forward_pre_hooks
                for m in envoy._module.modules())

@@ -14,32 +14,14 @@ from hypothesis import strategies as st
 import saebridge as sb
 from saebridge import backends
 from saebridge.errors import BackendNotInstalledError, ModelMismatchWarning, SAEBridgeError
+from saebridge.testing import RaiseAt, hooks_left
 
 BACKENDS = ["hf", "tl-processed", "tl-unprocessed"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _no_hooks_left(model: sb.Model) -> bool:
-    inner = model.adapter.model
-    if model.backend == "transformer_lens":
-        return all(not hp.fwd_hooks for hp in inner.hook_dict.values())
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in inner.modules())
-
-
 class _Boom(RuntimeError):
     pass
-
-
-class _RaiseAt:
-    """A user intervention that raises mid-forward."""
-
-    writes = True
-
-    def __init__(self, hook: str) -> None:
-        self.hook = hook
-
-    def apply(self, x, ctx):
-        raise _Boom(f"raised at {self.hook}")
 
 
 class _FailingSAE(sb.SAE):
@@ -68,15 +50,16 @@ def test_a_raise_anywhere_leaves_no_state(models, data):
         weights = {k: v.clone() for k, v in model.adapter.model.state_dict().items()}
         source = data.draw(st.sampled_from(["intervention", "sae", "steer+raise"]))
         if source == "intervention":
-            ops = [_RaiseAt(site)]
+            ops = [RaiseAt(site, _Boom(site))]
         elif source == "steer+raise":
-            ops = [sb.Steer(site, torch.ones(64)), _RaiseAt(data.draw(st.sampled_from(sites)))]
+            later = data.draw(st.sampled_from(sites))
+            ops = [sb.Steer(site, torch.ones(64)), RaiseAt(later, _Boom(later))]
         else:
             failing = _FailingSAE.random("standard", 64, 32, site, seed=2)
             ops = [sb.Splice(failing)]
         with pytest.raises(_Boom):
             model.run_with_interventions(tokens, ops)
-        assert _no_hooks_left(model)
+        assert hooks_left(model) == 0
         assert [s.hook for s in model._attached] == [attached.cfg.hook_name]
         assert torch.equal(model(tokens), before)
         for k, v in model.adapter.model.state_dict().items():
@@ -166,7 +149,7 @@ def test_two_threads_with_different_saes_both_get_their_results(models, backend)
         assert len(results[i]) == 5
         for r in results[i]:  # new threads may use another intra-op thread count: not bitwise
             torch.testing.assert_close(r, expected[i], atol=1e-5, rtol=0)
-    assert _no_hooks_left(model)
+    assert hooks_left(model) == 0
 
 
 def _calls(tree: ast.AST) -> list[ast.Call]:

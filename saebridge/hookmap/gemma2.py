@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from saebridge.hookmap.llama import rms_tl_weights
+from saebridge.hookmap.llama import attention_sites, rms_tl_weights
 from saebridge.hookmap.site import HookMap, Site
 
 
@@ -49,12 +49,7 @@ GEMMA2 = HookMap(
     block={
         "hook_resid_pre": Site(BLOCK, "input", kwarg="hidden_states"),
         "ln1.hook_normalized": Site(f"{BLOCK}.input_layernorm", "output", layout="unscale+1"),
-        "attn.hook_q": Site(f"{ATTN}.q_proj", "output", layout="heads"),
-        "attn.hook_k": Site(f"{ATTN}.k_proj", "output", layout="heads"),
-        "attn.hook_v": Site(f"{ATTN}.v_proj", "output", kind="v", layout="heads"),
-        "attn.hook_pattern": Site(ATTN, "output", index=1, writable=False,
-                                  requires='attn_implementation="eager"'),
-        "attn.hook_z": Site(f"{ATTN}.o_proj", "input", kind="v", layout="heads"),
+        **attention_sites(ATTN),
         "ln1_post.hook_normalized": Site(f"{BLOCK}.post_attention_layernorm", "output",
                                          layout="unscale+1"),
         "hook_attn_out": Site(f"{BLOCK}.post_attention_layernorm", "output"),

@@ -92,6 +92,19 @@ def tl_weights(sd: dict[str, Tensor], n_heads: int) -> dict[str, Tensor]:
 BLOCK = "layers.{layer}"
 ATTN = f"{BLOCK}.self_attn"
 
+
+def attention_sites(attn: str) -> dict[str, Site]:
+    """q/k/v/pattern/z of a Llama-style attention module (separate q/k/v/o projections;
+    k/v may have fewer heads, split by ``d_head``); Gemma-2 shares it."""
+    return {
+        "attn.hook_q": Site(f"{attn}.q_proj", "output", layout="heads"),
+        "attn.hook_k": Site(f"{attn}.k_proj", "output", layout="heads"),
+        "attn.hook_v": Site(f"{attn}.v_proj", "output", kind="v", layout="heads"),
+        "attn.hook_pattern": Site(attn, "output", index=1, writable=False,
+                                  requires='attn_implementation="eager"'),
+        "attn.hook_z": Site(f"{attn}.o_proj", "input", kind="v", layout="heads"),
+    }
+
 LLAMA = HookMap(
     architectures=("LlamaForCausalLM", "LlamaModel", "MistralForCausalLM", "MistralModel",
                    "Qwen2ForCausalLM", "Qwen2Model"),
@@ -105,12 +118,7 @@ LLAMA = HookMap(
     block={
         "hook_resid_pre": Site(BLOCK, "input", kwarg="hidden_states"),
         "ln1.hook_normalized": Site(f"{BLOCK}.input_layernorm", "output", layout="unscale"),
-        "attn.hook_q": Site(f"{ATTN}.q_proj", "output", layout="heads"),
-        "attn.hook_k": Site(f"{ATTN}.k_proj", "output", layout="heads"),
-        "attn.hook_v": Site(f"{ATTN}.v_proj", "output", kind="v", layout="heads"),
-        "attn.hook_pattern": Site(ATTN, "output", index=1, writable=False,
-                                  requires='attn_implementation="eager"'),
-        "attn.hook_z": Site(f"{ATTN}.o_proj", "input", kind="v", layout="heads"),
+        **attention_sites(ATTN),
         "hook_attn_out": Site(ATTN, "output", index=0),
         "hook_resid_mid": Site(ATTN, "output", index=0, residual_from=BLOCK),
         "ln2.hook_normalized": Site(f"{BLOCK}.post_attention_layernorm", "output",
