@@ -56,7 +56,7 @@ def density_case(repeats: int) -> list[list[object]]:
     d_sae = 24576
     W_dec = torch.randn(d_sae, D_IN, generator=torch.Generator().manual_seed(1))
     rows = []
-    for l0 in (16, 64, 256, 768, 2048):
+    for l0 in (16, 64, 256, 768, 2048, 4096):
         gen = torch.Generator().manual_seed(l0)
         acts = torch.rand(N_TOKENS, d_sae, generator=gen)
         acts = acts * (torch.rand(N_TOKENS, d_sae, generator=gen) < l0 / d_sae)

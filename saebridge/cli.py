@@ -206,20 +206,37 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bridge_names(hf: Any, tok: Any) -> dict[str, str]:
+    """Canonical name → the TransformerBridge hook it resolves to (empty without TL)."""
+    if not importlib.util.find_spec("transformer_lens"):
+        return {}
+    try:
+        from saebridge.adapters.tl_bridge import bridge_from_hf
+
+        bridge = bridge_from_hf(hf, tokenizer=tok)
+    except SAEBridgeError:  # an architecture or model TransformerBridge cannot take
+        return {}
+    return {name: getattr(hp, "name", None) or name for name, hp in bridge.hook_dict.items()}
+
+
 def cmd_hooks(args: argparse.Namespace) -> int:
     from saebridge import wrap
 
     hf, tok = _load_model(args.model, "cpu", torch.float32)
-    adapter = wrap(hf, tokenizer=tok).adapter
-    print(f"{'canonical (TransformerLens) name':<34}{'kind':<7}HF module (side, element, layout)")
+    adapter: Any = wrap(hf, tokenizer=tok).adapter
+    bridge = _bridge_names(hf, tok)
+    print("HookedTransformer and nnsight over TransformerLens use the canonical name itself; "
+          "nnsight over HF reads the HF module's .input/.output.")
+    print(f"{'canonical (TransformerLens) name':<34}{'kind':<7}{'TransformerBridge hook':<30}"
+          "HF / nnsight module (side, element, layout)")
     for name in adapter.hook_names():
-        site = adapter.site(name)  # type: ignore[attr-defined]
-        where = f"{adapter.prefix}{site.module} ({site.io}"  # type: ignore[attr-defined]
+        site = adapter.site(name)
+        where = f"{adapter.prefix}{site.module} ({site.io}"
         where += f", [{site.index}]" if site.index is not None else ""
         where += f", {site.layout}" if site.layout != "flat" else ""
         where += f", + input of {site.residual_from}" if site.residual_from else ""
         where += ", read-only" if not site.writable else ""
-        print(f"{name:<34}{site.kind:<7}{where})")
+        print(f"{name:<34}{site.kind:<7}{bridge.get(name, '-'):<30}{where})")
     return 0
 
 

@@ -70,6 +70,8 @@ def test_inspect_convert_and_hooks(tmp_path, tiny_dir):
     res = cli("hooks", str(tiny_dir))
     assert res.returncode == 0, res.stderr
     assert "blocks.1.hook_resid_mid" in res.stdout and "transformer.h.1.attn.c_proj" in res.stdout
+    z_row = next(ln for ln in res.stdout.splitlines() if ln.startswith("blocks.1.attn.hook_z"))
+    assert "blocks.1.attn.o.hook_in" in z_row  # where the TransformerBridge keeps hook_z
 
 
 @pytest.mark.parametrize("args, message", [
