@@ -49,8 +49,10 @@ class RaiseAt:
 def hooks_left(model: Any) -> int:
     """How many forward hooks are registered anywhere in ``model`` — a wrapped
     :class:`~saebridge.Model` or a torch module: torch hooks on every submodule, and
-    TransformerLens hook-point hooks. Zero after any saebridge run, also one that raised."""
-    module = _torch_module(model)
+    TransformerLens hook-point hooks. saebridge leaves the count as it found it after any
+    run, also one that raised (zero on HF and HookedTransformer; a TransformerBridge wires
+    permanent capture hooks of its own on its first forward)."""
+    module = torch_module(model)
     count = 0
     for sub in module.modules():
         count += len(sub._forward_hooks) + len(sub._forward_pre_hooks)
@@ -58,7 +60,8 @@ def hooks_left(model: Any) -> int:
     return count
 
 
-def _torch_module(obj: Any) -> torch.nn.Module:
+def torch_module(obj: Any) -> torch.nn.Module:
+    """The torch module under a wrapped model (or ``obj`` itself when it is one)."""
     adapter = getattr(obj, "adapter", None)
     if adapter is None:
         return obj
