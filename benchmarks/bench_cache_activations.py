@@ -62,7 +62,7 @@ def main() -> None:
     if args.child is not None:
         child(args.child)
         return
-    print(f"# bench_cache_activations — {common.machine()}; batches of {common.BATCH} x "
+    print(f"# bench_cache_activations — {common.machine(timed=False)}; batches of {common.BATCH} x "
           f"{common.POS}, tokens_per_shard {TOKENS_PER_SHARD}\n")
     res = [memory.run_child(Path(__file__), str(n)) for n in (args.batches, 10 * args.batches)]
     rows = [[r["tokens"], r["shards"], f"{r['disk_mb']:.0f}", f"{r['seconds']:.0f}",

@@ -21,6 +21,7 @@ torch thread, which other processes sharing the machine inflate least; ``--clock
 
 from __future__ import annotations
 
+import abc
 import argparse
 import importlib.util
 import sys
@@ -40,18 +41,19 @@ TARGET_RATIO = {"hf": 1.02, "transformer_lens": 1.02, "nnsight": 1.05}
 TARGET_COST = 0.5
 
 
-class Native:
+class Native(abc.ABC):
     """One backend's hand-written code: a clean forward and a forward with a splice."""
 
     name: str
     space: str
     obj: object
+    tokens: torch.Tensor
 
-    def clean(self) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def clean(self) -> torch.Tensor: ...
 
-    def spliced(self, fn: Splice) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def spliced(self, fn: Splice) -> torch.Tensor: ...
 
     def resid(self) -> torch.Tensor:
         """The activation at HOOK, for calibrating the SAEs."""

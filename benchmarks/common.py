@@ -131,13 +131,13 @@ def per_round(fn: Callable[..., float], *timings: Timing) -> tuple[float, float]
     return statistics.median(values), q[2] - q[0]
 
 
-def machine() -> str:
+def machine(timed: bool = True) -> str:
     cores = os.cpu_count()
-    name = "CPU time" if clock is CLOCKS["cpu"] else "wall time"
+    name = (", CPU time" if clock is CLOCKS["cpu"] else ", wall time") if timed else ""
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{platform.processor() or platform.machine()}, {cores} cores (load average "
             f"{load} at start), torch {torch.__version__}, {torch.get_num_threads()} "
-            f"thread(s), {name}")
+            f"thread(s){name}")
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:

@@ -120,6 +120,10 @@ def _spec(model: Model, hooks: list[str], saes: list[SAE], tokens_per_shard: int
     if not hooks and not saes:
         raise CacheDirError("cache_activations got neither hooks nor saes, so there is "
                             "nothing to cache. Pass hooks=[...] and/or saes=[...].")
+    if isinstance(tokens_per_shard, bool) or not isinstance(tokens_per_shard, int) \
+            or tokens_per_shard < 1:
+        raise CacheDirError(f"tokens_per_shard must be a positive integer, got "
+                            f"{tokens_per_shard!r}. Pass e.g. 16384.")
     for hook in hooks:
         model.adapter.kind(hook)  # unknown names fail before any forward
     sae_hooks = [sae.cfg.hook_name for sae in saes]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,20 +24,20 @@ SAE_HOOK = "blocks.1.hook_resid_pre"
 LATENTS = SAE_HOOK + ".hook_sae_acts_post"
 N_BATCHES, BATCH, POS = 12, 2, 8
 
-WORKER = """
+WORKER = f"""
 import sys, time, torch
 import saebridge as sb
 from saebridge.tiny import tiny_gpt2
 out, delay = sys.argv[1], float(sys.argv[2])
 hf, _ = tiny_gpt2(seed=0)
-sae = sb.SAE.random("topk", 64, 512, %(hook)r, k=8, seed=1, activation_space="hf")
+sae = sb.SAE.random("topk", 64, 512, {SAE_HOOK!r}, k=8, seed=1, activation_space="hf")
 def batches():
-    for i in range(%(n)d):
+    for i in range({N_BATCHES}):
         time.sleep(delay)
-        yield torch.randint(0, 300, (%(b)d, %(p)d), generator=torch.Generator().manual_seed(i))
-sb.cache_activations(hf, batches(), hooks=%(hooks)r, saes=[sae], out_dir=out,
-                     tokens_per_shard=%(b)d * %(p)d)
-""" % {"hook": SAE_HOOK, "n": N_BATCHES, "b": BATCH, "p": POS, "hooks": HOOKS}
+        yield torch.randint(0, 300, ({BATCH}, {POS}), generator=torch.Generator().manual_seed(i))
+sb.cache_activations(hf, batches(), hooks={HOOKS!r}, saes=[sae], out_dir=out,
+                     tokens_per_shard={BATCH * POS})
+"""
 
 
 def batches(n: int = N_BATCHES) -> list[torch.Tensor]:
@@ -152,12 +153,15 @@ def test_bad_requests_fail_before_any_forward(models, tmp_path):
     model = models("hf")
     with pytest.raises(CacheDirError, match="nothing to cache"):
         cache_activations(model, batches(1), out_dir=tmp_path / "none")
-    with pytest.raises(KeyError, match="blocks.0.hook_resid_pre"):
+    with pytest.raises(KeyError, match=re.escape("blocks.0.hook_resid_pre")):
         cache_activations(model, batches(1), hooks=["blocks.0.hook_resid_pr"],
                           out_dir=tmp_path / "typo")
     with pytest.raises(CacheDirError, match="several SAEs at one hook"):
         cache_activations(model, batches(1), saes=[worker_sae(), worker_sae()],
                           out_dir=tmp_path / "two")
+    with pytest.raises(CacheDirError, match="positive integer"):
+        cache_activations(model, batches(1), hooks=HOOKS, out_dir=tmp_path / "zero",
+                          tokens_per_shard=0)
     with pytest.raises(CacheDirError, match="per token"):
         cache_activations(model, batches(1), hooks=["blocks.0.attn.hook_pattern"],
                           out_dir=tmp_path / "pattern")

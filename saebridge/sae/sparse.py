@@ -37,10 +37,11 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 MAX_SPARSE_DENSITY = 1 / 32
-"""Largest fraction of non-zero latents decoded sparsely. Measured on a 2-core CPU
-(``benchmarks/bench_decode.py``), sparse-from-dense breaks even with a dense matmul near
-8 % density; the threshold leaves a margin for machines whose matmul is relatively faster.
-A TopK k=32 SAE with d_sae 24576 is at 0.13 %, a trained ReLU SAE typically at 0.1-1 %."""
+"""Largest fraction of non-zero latents decoded sparsely. On a 2-core CPU
+(``benchmarks/bench_decode.py``, d_sae 24576) decoding from a dense tensor sparsely, search
+for the non-zeros included, breaks even with the dense matmul at 8-12 % density; the
+threshold leaves a margin for machines whose matmul is relatively faster. A TopK k=32 SAE
+with d_sae 24576 is at 0.13 %, a trained ReLU SAE typically at 0.1-1 %."""
 
 
 class SparseLatents(NamedTuple):
