@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,31 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 TokensLike = Tensor | str | Sequence[str]
+
+
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def underlying(adapter: Any) -> Any:
+    """The object a backend hooks into: the torch module under an adapter (for nnsight,
+    the module under its envoy tree), so wrappers of one model can share a lock."""
+    inner = getattr(adapter, "model", None)
+    if isinstance(inner, torch.nn.Module):
+        return inner
+    envoy = getattr(adapter, "envoy", None)
+    return getattr(envoy, "_module", None) or inner or adapter
+
+
+def lock_for(adapter: Any) -> threading.Lock:
+    """One lock per hooked model, shared by every wrapper of it: hooks registered by two
+    forwards at once on the same modules would run in each other's passes."""
+    key = underlying(adapter)
+    with _LOCKS_GUARD:
+        try:
+            return _LOCKS.setdefault(key, threading.Lock())
+        except TypeError:  # not weakly referenceable: this wrapper's own lock
+            return threading.Lock()
 
 
 def same_model(a: str, b: str) -> bool:
@@ -84,7 +110,7 @@ class Model:
     def __init__(self, adapter: Adapter) -> None:
         self._adapter = adapter
         self._attached: list[Splice] = []
-        self._lock = threading.Lock()
+        self._lock = lock_for(adapter)
         self._warned: set[tuple[str, str]] = set()
 
     def __repr__(self) -> str:

@@ -12,6 +12,7 @@ import torch
 
 from saebridge.hookmap.space import ActivationSpace
 from saebridge.interventions import SiteContext
+from saebridge.model import underlying
 
 Tensor = torch.Tensor
 
@@ -63,12 +64,7 @@ def hooks_left(model: Any) -> int:
 def torch_module(obj: Any) -> torch.nn.Module:
     """The torch module under a wrapped model (or ``obj`` itself when it is one)."""
     adapter = getattr(obj, "adapter", None)
-    if adapter is None:
-        return obj
-    inner = getattr(adapter, "model", None)
-    if isinstance(inner, torch.nn.Module):
-        return inner
-    return adapter.envoy._module  # nnsight: the module under the envoy tree
+    return obj if adapter is None else underlying(adapter)
 
 
 def assert_round_trip(sae: Any, folder: str | Path) -> None:

@@ -196,3 +196,30 @@ def test_every_error_is_a_saebridge_error_and_a_builtin():
     assert len(classes) >= 8
     for cls in classes:
         assert issubclass(cls, KeyError | ValueError | ImportError), cls
+
+
+def test_two_wrappers_of_one_model_share_its_lock(models, tokenizer):
+    """sb.wrap twice on the same HF model, used from two threads: each thread's hooks must
+    not run in the other's forward."""
+    hf = models("hf").adapter.model
+    wrappers = [sb.wrap(hf, tokenizer=tokenizer) for _ in range(2)]
+    assert wrappers[0]._lock is wrappers[1]._lock
+    saes = [sb.SAE.random("topk", 64, 64, "blocks.0.hook_resid_post", k=4, seed=s)
+            for s in (11, 12)]
+    tokens = wrappers[0].to_tokens("Hello world, hello model")
+    expected = [w.run_with_saes(tokens, [s]) for w, s in zip(wrappers, saes, strict=True)]
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def work(i: int) -> None:
+        for _ in range(8):
+            results[i].append(wrappers[i].run_with_saes(tokens, [saes[i]]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        for r in results[i]:
+            torch.testing.assert_close(r, expected[i], atol=1e-5, rtol=0)
+    assert hooks_left(hf) == 0
