@@ -9,6 +9,7 @@ receives the site's activation in the model's native space and TransformerLens l
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -143,7 +144,7 @@ class Splice:
 
 
 @dataclass
-class _LatentEdit:
+class _LatentEdit(abc.ABC):
     """Shared machinery of :class:`Ablate` and :class:`Clamp`: edit latents, keep the error."""
 
     sae: SAE
@@ -155,8 +156,9 @@ class _LatentEdit:
     def hook(self) -> str:
         return self.sae.cfg.hook_name
 
+    @abc.abstractmethod
     def _edit(self, acts: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The new values of the selected latents, given their current ones."""
 
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
         _check_width(self.sae, _head_view(self.sae, x), ctx.name)
