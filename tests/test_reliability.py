@@ -134,6 +134,22 @@ def test_missing_backend_package_names_the_extra(monkeypatch, models):
         sb.wrap(tl)
 
 
+def _in_two_threads(run, repeats: int) -> dict[int, list[torch.Tensor]]:
+    """``run(i)`` called ``repeats`` times in each of two threads, i = 0 and 1, at once."""
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def work(i: int) -> None:
+        for _ in range(repeats):
+            results[i].append(run(i))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_threads_with_different_saes_both_get_their_results(models, backend):
     model = models(backend)
@@ -141,17 +157,7 @@ def test_two_threads_with_different_saes_both_get_their_results(models, backend)
     saes = [sb.SAE.random("topk", 64, 64, f"blocks.{i}.hook_resid_post", k=4, seed=i)
             for i in range(2)]
     expected = [model.run_with_saes(tokens, [s]) for s in saes]
-    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
-
-    def work(i: int) -> None:
-        for _ in range(5):
-            results[i].append(model.run_with_saes(tokens, [saes[i]]))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = _in_two_threads(lambda i: model.run_with_saes(tokens, [saes[i]]), repeats=5)
     for i in range(2):
         assert len(results[i]) == 5
         for r in results[i]:  # new threads may use another intra-op thread count: not bitwise
@@ -208,17 +214,7 @@ def test_two_wrappers_of_one_model_share_its_lock(models, tokenizer):
             for s in (11, 12)]
     tokens = wrappers[0].to_tokens("Hello world, hello model")
     expected = [w.run_with_saes(tokens, [s]) for w, s in zip(wrappers, saes, strict=True)]
-    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
-
-    def work(i: int) -> None:
-        for _ in range(8):
-            results[i].append(wrappers[i].run_with_saes(tokens, [saes[i]]))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = _in_two_threads(lambda i: wrappers[i].run_with_saes(tokens, [saes[i]]), repeats=8)
     for i in range(2):
         for r in results[i]:
             torch.testing.assert_close(r, expected[i], atol=1e-5, rtol=0)

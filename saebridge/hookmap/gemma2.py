@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from saebridge.hookmap.llama import attention_sites, rms_tl_weights
+from saebridge.hookmap.llama import CONFIG, attention_sites, rms_tl_weights
 from saebridge.hookmap.site import HookMap, Site
 
 
@@ -39,8 +39,7 @@ ATTN = f"{BLOCK}.self_attn"
 
 GEMMA2 = HookMap(
     architectures=("Gemma2ForCausalLM", "Gemma2Model"),
-    config={"n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-            "d_model": "hidden_size", "d_vocab": "vocab_size", "d_head": "head_dim"},
+    config=CONFIG,
     prefixes=("model.", ""),
     tl_weights=tl_weights,
     before_blocks={

@@ -93,6 +93,11 @@ BLOCK = "layers.{layer}"
 ATTN = f"{BLOCK}.self_attn"
 
 
+CONFIG = {"n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+          "d_model": "hidden_size", "d_vocab": "vocab_size", "d_head": "head_dim"}
+"""Llama-family config attribute names (Gemma-2 shares them)."""
+
+
 def attention_sites(attn: str) -> dict[str, Site]:
     """q/k/v/pattern/z of a Llama-style attention module (separate q/k/v/o projections;
     k/v may have fewer heads, split by ``d_head``); Gemma-2 shares it."""
@@ -108,8 +113,7 @@ def attention_sites(attn: str) -> dict[str, Site]:
 LLAMA = HookMap(
     architectures=("LlamaForCausalLM", "LlamaModel", "MistralForCausalLM", "MistralModel",
                    "Qwen2ForCausalLM", "Qwen2Model"),
-    config={"n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-            "d_model": "hidden_size", "d_vocab": "vocab_size", "d_head": "head_dim"},
+    config=CONFIG,
     prefixes=("model.", ""),
     tl_weights=tl_weights,
     before_blocks={
