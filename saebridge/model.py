@@ -28,6 +28,7 @@ from saebridge.hookmap.convert import (
     TRACKED_SITES,
     Affine,
     RawMeanTracker,
+    RawStats,
     conversion,
     needs_tracker,
 )
@@ -201,16 +202,19 @@ class Model:
                     f"{needy[0].sae.cfg.activation_space.name!r} but the {a.backend} model is "
                     f"{a.space.name!r} and its unprocessed weights are unknown, so the raw "
                     "residual mean cannot be rebuilt. Build the model with "
-                    "saebridge.adapters.transformer_lens.from_hf(), or wrap an unprocessed one.")
+                    "saebridge.adapters.transformer_lens.from_hf() or "
+                    "saebridge.adapters.tl_bridge.bridge_from_hf() (they record them), or "
+                    "wrap an unprocessed one.")
             tracker = RawMeanTracker(stats, a.space, tokens)
             for layer in range(a.n_layers):
                 for rel in TRACKED_SITES:
                     name = f"blocks.{layer}.{rel}"
                     by_site.setdefault(name, []).append(_Observe(name, tracker.observe))
         if cache is not None:
+            store = self._cacher(cache, stats)
             for name in names:
-                by_site.setdefault(name, []).append(_Observe(name, self._cacher(cache)))
                 a.kind(name)  # validates the name before the run starts
+                by_site.setdefault(name, []).append(_Observe(name, store))
 
         batch = tokens.shape[0]
 
@@ -236,8 +240,8 @@ class Model:
 
         return {name: site_fn(name, site_ops) for name, site_ops in by_site.items()}
 
-    def _cacher(self, cache: ActivationCache):
-        a, stats = self._adapter, self._adapter.raw_stats()
+    def _cacher(self, cache: ActivationCache, stats: RawStats | None):
+        a = self._adapter
 
         def store(name: str, x: Tensor) -> None:
             conv = conversion(name, a.kind(name), a.space, CANONICAL, x, stats)
