@@ -36,13 +36,9 @@ from typing import Any
 import torch
 
 from saebridge.errors import ShapeError
-from saebridge.sae.activations import (
-    flatten_heads,
-    jumprelu,
-    normalize_in,
-    normalize_out,
-    topk_relu,
-)
+from saebridge.sae.activations import flatten_heads, jumprelu, normalize_in, normalize_out
+from saebridge.sae.blocked import encode_active
+from saebridge.sae.sparse import decode_sparse, needs_grad, topk_latents, try_decode
 
 Tensor = torch.Tensor
 
@@ -57,7 +53,8 @@ def register() -> None:
 
     from nnsight import register as nnsight_register
 
-    for name in (__name__, "saebridge.sae.activations", "saebridge.errors"):
+    for name in (__name__, "saebridge.sae.activations", "saebridge.sae.sparse",
+                 "saebridge.sae.blocked", "saebridge.errors"):
         nnsight_register(sys.modules[name])
 
 
@@ -273,7 +270,10 @@ def _write_back(sae: tuple, x: Tensor, shift: Tensor | None, x_full: Tensor, new
 def apply_splice(op: tuple, x: Tensor, site: SiteOps) -> Tensor:
     _, sae, use_error_term, conv, record = op
     shift, x_full, x_sae = _sae_input(sae, x, conv, site.name)
-    sae_input, acts_pre, acts_post, recons = sae_run(sae, x_sae)
+    if record:
+        sae_input, acts_pre, acts_post, recons = sae_run(sae, x_sae)
+    else:  # no dense latents, as Splice skips them when nothing is cached
+        recons = sae_forward(sae, x_sae)
     error = x_sae - recons
     out = recons + error if use_error_term else recons
     if record:
@@ -287,7 +287,7 @@ def apply_edit(op: tuple, x: Tensor, site: SiteOps) -> Tensor:
     """Ablate (value None) or clamp latents; the SAE error is kept, so only they change."""
     _, sae, features, positions, value, conv = op
     shift, x_full, x_sae = _sae_input(sae, x, conv, site.name)
-    _, _, acts, stats = sae_encode(sae, x_sae)
+    _, _, acts, stats, _ = sae_encode(sae, x_sae)
     edited = acts.clone()
     idx = (*_select(acts, positions), ...)
     sub = edited[idx]
@@ -325,39 +325,74 @@ def apply_cache(op: tuple, x: Tensor, site: SiteOps) -> Tensor:
 # ---- the SAE as (params, cfg) ---------------------------------------------------------------
 
 
-def sae_encode(sae: tuple, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Any]:
-    """``(sae_input, acts_pre, acts_post, norm stats)``, as :meth:`saebridge.SAE.run` computes
-    them (SAELens 6 semantics)."""
+def _prepare(sae: tuple, x: Tensor) -> tuple[Tensor, Tensor, Any]:
     p, c = sae
     sae_input_BD = flatten_heads(x.to(p["W_enc"].dtype), c["d_in"], c["is_hook_z"],
                                  c["hook_name"])
     sae_in_BD, stats = normalize_in(c["normalize_activations"], sae_input_BD)
     if c["apply_b_dec_to_input"]:
         sae_in_BD = sae_in_BD - p["b_dec"]
+    return sae_input_BD, sae_in_BD, stats
+
+
+def _rank_scale(sae: tuple) -> Tensor | None:
+    p, c = sae
+    return p["W_dec"].norm(dim=-1) if c["rescale_acts_by_decoder_norm"] else None
+
+
+def sae_encode(sae: tuple, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Any, Any]:
+    """``(sae_input, acts_pre, acts_post, norm stats, TopK's sparse latents or None)``, as
+    :meth:`saebridge.SAE.run` computes them (SAELens 6 semantics)."""
+    p, c = sae
+    sae_input_BD, sae_in_BD, stats = _prepare(sae, x)
     arch = c["architecture"]
     if arch == "gated":
-        gate_BF = ((sae_in_BD @ p["W_enc"] + p["b_gate"]) > 0).to(sae_in_BD.dtype)
-        pre_BF = sae_in_BD @ (p["W_enc"] * p["r_mag"].exp()) + p["b_mag"]
-        return sae_input_BD, pre_BF, gate_BF * pre_BF.relu(), stats
-    pre_BF = sae_in_BD @ p["W_enc"] + p["b_enc"]
-    ranked_BF = pre_BF * p["W_dec"].norm(dim=-1) if c["rescale_acts_by_decoder_norm"] else pre_BF
+        lin_BF = sae_in_BD @ p["W_enc"]
+        gate_BF = ((lin_BF + p["b_gate"]) > 0).to(sae_in_BD.dtype)
+        pre_BF = lin_BF.mul_(p["r_mag"].exp()).add_(p["b_mag"])
+        return sae_input_BD, pre_BF, gate_BF * pre_BF.relu(), stats, None
+    pre_BF = (sae_in_BD @ p["W_enc"]).add_(p["b_enc"])
+    scale_F = _rank_scale(sae)
+    ranked_BF = pre_BF if scale_F is None else pre_BF * scale_F
     if arch == "topk":
-        post_BF = topk_relu(ranked_BF, int(c["k"]))
-    elif arch in ("jumprelu", "batchtopk"):
-        post_BF = jumprelu(ranked_BF, p["threshold"])
-    else:
-        post_BF = ranked_BF.relu()
-    return sae_input_BD, pre_BF, post_BF, stats
+        post_BF, latents = topk_latents(ranked_BF, int(c["k"]))
+        return sae_input_BD, pre_BF, post_BF, stats, latents
+    if arch in ("jumprelu", "batchtopk"):
+        return sae_input_BD, pre_BF, jumprelu(ranked_BF, p["threshold"]), stats, None
+    return sae_input_BD, pre_BF, ranked_BF.relu(), stats, None
 
 
-def sae_decode(sae: tuple, acts_BF: Tensor, stats: Any) -> Tensor:
+def sae_decode(sae: tuple, acts_BF: Tensor, stats: Any, latents: Any = None) -> Tensor:
     p, c = sae
     acts_BF = acts_BF.to(p["W_dec"].dtype)
-    if c["rescale_acts_by_decoder_norm"]:
-        acts_BF = acts_BF * (1 / p["W_dec"].norm(dim=-1))
-    return normalize_out(c["normalize_activations"], acts_BF @ p["W_dec"] + p["b_dec"], stats)
+    scale_F = _rank_scale(sae)
+    inv_F = None if scale_F is None else 1 / scale_F
+    recons_BD = try_decode(acts_BF, p["W_dec"], latents, inv_F)
+    if recons_BD is None:
+        recons_BD = (acts_BF if inv_F is None else acts_BF * inv_F) @ p["W_dec"]
+    return normalize_out(c["normalize_activations"], recons_BD + p["b_dec"], stats)
 
 
 def sae_run(sae: tuple, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    sae_input, acts_pre, acts_post, stats = sae_encode(sae, x)
-    return sae_input, acts_pre, acts_post, sae_decode(sae, acts_post, stats).reshape(x.shape)
+    sae_input, acts_pre, acts_post, stats, latents = sae_encode(sae, x)
+    recons = sae_decode(sae, acts_post, stats, latents).reshape(x.shape)
+    return sae_input, acts_pre, acts_post, recons
+
+
+def sae_forward(sae: tuple, x: Tensor) -> Tensor:
+    """The reconstruction alone, as :meth:`saebridge.SAE.forward` computes it: the blocked
+    encoder keeps only the active latents (:mod:`saebridge.sae.blocked`)."""
+    p, c = sae
+    sae_input_BD, sae_in_BD, stats = _prepare(sae, x)
+    gated = c["architecture"] == "gated"
+    latents = None if needs_grad(x) else encode_active(
+        sae_in_BD.reshape(-1, c["d_in"]), p["W_enc"], p["b_gate"] if gated else p["b_enc"],
+        c["architecture"], k=None if c["k"] is None else int(c["k"]),
+        threshold_F=p.get("threshold"), rank_scale_F=_rank_scale(sae),
+        mag_scale_F=p["r_mag"].exp() if gated else None, b_mag_F=p.get("b_mag"))
+    if latents is None:
+        return sae_run(sae, x)[3]
+    scale_F = _rank_scale(sae)
+    decoded_RD = decode_sparse(latents, p["W_dec"], None if scale_F is None else 1 / scale_F)
+    recons_BD = decoded_RD.add_(p["b_dec"]).reshape(sae_input_BD.shape)
+    return normalize_out(c["normalize_activations"], recons_BD, stats).reshape(x.shape)

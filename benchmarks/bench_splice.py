@@ -7,8 +7,9 @@ this times, in one process, interleaved, after warm-up:
 * ``clean``: the backend's own forward, no hook;
 * ``dense``: a hand-written native splice doing SAELens's dense math (torch pre-hook /
   TL ``run_with_hooks`` / nnsight trace): encode, dense ``acts @ W_dec`` decode;
-* ``sae()``: the same native hook calling the saebridge SAE module (sparse decode) —
-  saebridge's SAE math without its engine, to isolate the engine's overhead;
+* ``sae()``: the same native hook calling the saebridge SAE module (``SAE.forward``:
+  blocked encoder, sparse decode) — saebridge's SAE math without its engine, to isolate
+  the engine's overhead;
 * ``saebridge``: ``sb.wrap(model).run_with_saes(tokens, saes=[sae])``.
 
 Ratios are medians over rounds of per-round ratios (runs of one round are adjacent in

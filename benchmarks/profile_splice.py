@@ -1,11 +1,13 @@
 """Where a splice's time goes: torch.profiler over the SAE part of the splice, by op.
 
 For each benchmark SAE this profiles, on the activations the splice sees (4 x 128 tokens,
-d_in 768), the hand-written dense splice and saebridge's SAE pass (``SAE.run``, what
-``run_with_saes`` calls), and prints self CPU time per op and call. It shows the floor
-under sparse decoding: the encoder matmul, which no decode trick removes, costs as much
-as the dense decoder matmul (same FLOPs), so skipping the decode can at best halve the
-splice. Times are self CPU time of one torch thread. Run::
+d_in 768), the hand-written dense splice, saebridge's ``SAE.forward`` (what
+``run_with_saes`` calls when nothing is cached: blocked encoder, sparse decode) and
+``SAE.run`` (every intermediate dense, what a cached run calls), and prints self CPU time
+per op and call. The encoder matmul costs as much as the dense decoder matmul (same FLOPs),
+so skipping the decode alone can at best halve the splice; the blocked encoder also
+saves the fresh ``[tokens, d_sae]`` output's first touch. Times are self CPU time of one
+torch thread. Run::
 
     python benchmarks/profile_splice.py --repeats 5
 """
@@ -56,18 +58,20 @@ def main() -> None:
     for name, sae in common.benchmark_saes(x, "hf").items():
         dense = common.dense_splice(sae)
         t_dense = op_times(lambda d=dense: d(x), args.repeats)
-        t_own = op_times(lambda s=sae: s.run(x), args.repeats)
-        ops = sorted(set(t_dense) | set(t_own), key=lambda k: -max(t_dense.get(k, 0),
-                                                                 t_own.get(k, 0)))
-        rows = [[op, f"{t_dense.get(op, 0):.1f}", f"{t_own.get(op, 0):.1f}"]
-                for op in ops if max(t_dense.get(op, 0), t_own.get(op, 0)) >= 0.5]
-        total_d, total_o = sum(t_dense.values()), sum(t_own.values())
-        rows.append(["total", f"{total_d:.1f}", f"{total_o:.1f}"])
+        t_fwd = op_times(lambda s=sae: s(x), args.repeats)
+        t_run = op_times(lambda s=sae: s.run(x), args.repeats)
+        cols = (t_dense, t_fwd, t_run)
+        ops = sorted(set().union(*cols), key=lambda k: -max(t.get(k, 0) for t in cols))
+        rows = [[op, *(f"{t.get(op, 0):.1f}" for t in cols)]
+                for op in ops if max(t.get(op, 0) for t in cols) >= 0.5]
+        totals = [sum(t.values()) for t in cols]
+        rows.append(["total", *(f"{total:.1f}" for total in totals)])
         print(f"{name} SAE (d_sae {sae.cfg.d_sae}):\n")
-        print(table(["op", "dense splice ms", "saebridge SAE.run ms"], rows))
-        floor = (total_d - t_dense.get("mm (decoder)", 0)) / total_d
-        print(f"\nsaebridge ÷ dense: {total_o / total_d:.2f}; dense without its decoder "
-              f"matmul ÷ dense: {floor:.2f} (the floor for any decode-only saving).\n")
+        print(table(["op", "dense splice ms", "SAE.forward ms", "SAE.run ms"], rows))
+        floor = (totals[0] - t_dense.get("mm (decoder)", 0)) / totals[0]
+        print(f"\nSAE.forward ÷ dense: {totals[1] / totals[0]:.2f}; SAE.run ÷ dense: "
+              f"{totals[2] / totals[0]:.2f}; dense without its decoder matmul ÷ dense: "
+              f"{floor:.2f} (the floor for a decode-only saving).\n")
 
 
 if __name__ == "__main__":

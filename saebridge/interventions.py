@@ -23,7 +23,7 @@ from saebridge.hookmap.site import Kind
 from saebridge.hookmap.space import ActivationSpace
 
 if TYPE_CHECKING:
-    from saebridge.sae import SAE, SAEActivations
+    from saebridge.sae import SAE
     from saebridge.sae.transcoder import Transcoder
 
 Tensor = torch.Tensor
@@ -45,6 +45,9 @@ class SiteContext:
     """``convert(space, x)``: the affine map from the native space to ``space`` at this site."""
     record: Callable[[str, Tensor], None]
     """``record(key, value)``: store a cache entry (a no-op when nothing is cached)."""
+    recording: bool = True
+    """Whether :attr:`record` keeps anything. When it does not, an SAE splice skips the
+    intermediates only a cache would hold (the dense ``[..., d_sae]`` latents)."""
     raw_stats: RawStats | None = None
     """Constants of the model's unprocessed weights, where known (LayerNorm gains for
     transcoders that read a LayerNorm's output)."""
@@ -135,11 +138,16 @@ class Splice:
         to_sae = ctx.convert(self.sae.cfg.activation_space, x)
         x_full = to_sae.forward(x)
         x_sae = _sae_dtype(self.sae, _head_view(self.sae, x_full))
-        acts = self.sae.run(x_sae)
-        error = x_sae - acts.recons
-        out = acts.recons + error if self.use_error_term else acts.recons
-        for key, value in zip(SAE_HOOKS, (*acts, error, out), strict=True):
-            ctx.record(f"{self.hook}.{key}", value)
+        if ctx.recording:
+            acts = self.sae.run(x_sae)
+            recons = acts.recons
+        else:  # no dense latents: SAE.forward keeps only the active ones
+            recons = self.sae(x_sae)
+        error = x_sae - recons
+        out = recons + error if self.use_error_term else recons
+        if ctx.recording:
+            for key, value in zip(SAE_HOOKS, (*acts, error, out), strict=True):
+                ctx.record(f"{self.hook}.{key}", value)
         return to_sae.inverse(_put_head(self.sae, x_full, out.to(x.device, x.dtype)))
 
 
@@ -260,7 +268,7 @@ class _Observe:
 class _TranscoderState:
     """What the read half of a transcoder splice hands to the write half, per forward."""
 
-    acts: SAEActivations | None = None
+    prediction: Tensor | None = None
 
 
 @dataclass
@@ -291,7 +299,11 @@ class _TranscoderRead:
                     "model with saebridge.adapters.transformer_lens.from_hf(), or wrap an "
                     "unprocessed one.")
             x_sae = x_sae * gain_bias[0].to(x_sae) + gain_bias[1].to(x_sae)
-        self.state.acts = acts = self.sae.run(x_sae)
+        if not ctx.recording:
+            self.state.prediction = self.sae(x_sae)
+            return x
+        acts = self.sae.run(x_sae)
+        self.state.prediction = acts.recons
         for key, value in zip(SAE_HOOKS[:3], acts[:3], strict=True):
             ctx.record(f"{self.hook}.{key}", value)
         return x
@@ -311,26 +323,26 @@ class _TranscoderWrite:
         return self.sae.cfg.hook_name_out
 
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
-        acts = self.state.acts
-        if acts is None:
+        prediction = self.state.prediction
+        if prediction is None:
             raise UnknownHookError(
                 f"transcoder output site {self.hook!r} ran before its input site "
                 f"{self.sae.cfg.hook_name!r}, so there is no prediction to write. A transcoder "
                 "must read a site that runs earlier than the one it writes.")
         to_sae = ctx.convert(self.sae.cfg.activation_space, x)
         y_full = to_sae.forward(x)
-        y_sae = y_full.to(acts.recons.device, acts.recons.dtype)
-        if y_sae.numel() != acts.recons.numel():
+        y_sae = y_full.to(prediction.device, prediction.dtype)
+        if y_sae.numel() != prediction.numel():
             raise ShapeError(
-                f"transcoder predicts {tuple(acts.recons.shape)} but its output site "
+                f"transcoder predicts {tuple(prediction.shape)} but its output site "
                 f"{self.hook!r} holds {tuple(y_sae.shape)}. Load the transcoder made for this "
                 "model and site.")
-        pred = acts.recons.reshape(y_sae.shape)
+        pred = prediction.reshape(y_sae.shape)
         error = y_sae - pred
         out = pred + error if self.use_error_term else pred
         for key, value in zip(SAE_HOOKS[3:], (pred, error, out), strict=True):
             ctx.record(f"{self.sae.cfg.hook_name}.{key}", value)
-        self.state.acts = None  # one prediction per forward pass
+        self.state.prediction = None  # one prediction per forward pass
         return to_sae.inverse(out.to(x.device, x.dtype))
 
 

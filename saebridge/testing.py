@@ -78,3 +78,36 @@ def assert_round_trip(sae: Any, folder: str | Path) -> None:
     assert back.cfg == sae.cfg, (back.cfg, sae.cfg)
     for name, tensor in sae.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def sparse_random_sae(architecture: str, d_in: int, d_sae: int, hook_name: str, *, l0: int,
+                      inputs: Tensor | None = None, seed: int = 0,
+                      dtype: torch.dtype = torch.float64, **cfg_overrides: Any) -> Any:
+    """:meth:`SAE.random <saebridge.SAE.random>` with its biases or thresholds set so that
+    about ``l0`` latents fire per row of ``inputs`` (default: 256 standard-normal rows), as
+    in a trained SAE; a random one fires half of them. TopK SAEs get ``k = l0``.
+
+    >>> sae = sparse_random_sae("jumprelu", 16, 2048, "blocks.0.hook_resid_pre", l0=12)
+    >>> x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> 6 < float((sae.encode(x) != 0).sum(-1).float().mean()) < 24
+    True
+    """
+    from saebridge.sae import SAE
+
+    k = l0 if architecture == "topk" else None
+    sae: Any = SAE.random(architecture, d_in, d_sae, hook_name, k=k, seed=seed,
+                          **cfg_overrides).to(dtype)
+    if inputs is None:
+        inputs = torch.randn(256, d_in, generator=torch.Generator().manual_seed(seed),
+                             dtype=dtype)
+    with torch.no_grad():
+        pre = ((inputs.to(dtype).reshape(-1, d_in) - sae.b_dec) @ sae.W_enc).flatten()
+        cut = pre.kthvalue(max(1, pre.numel() - l0 * (pre.numel() // d_sae))).values
+        if architecture == "gated":
+            sae.b_gate.copy_(-cut)
+        elif architecture in ("jumprelu", "batchtopk"):
+            sae.b_enc.zero_()
+            sae.threshold.copy_(cut.expand(d_sae))
+        elif architecture == "standard":
+            sae.b_enc.copy_(-cut)
+    return sae

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from saebridge.sae import SAE, sparse
+from saebridge.testing import sparse_random_sae
 from saebridge.tolerance import LOGPROB_ATOL
 
 ARCHS = ["standard", "topk", "jumprelu", "gated", "batchtopk"]
@@ -18,21 +19,8 @@ D_IN, D_SAE, L0 = 16, 2048, 12
 def sparse_sae(arch: str, *, d_in: int = D_IN, d_sae: int = D_SAE, seed: int = 0,
                dtype: torch.dtype = torch.float64, hook: str = "blocks.0.hook_resid_pre",
                **cfg) -> SAE:
-    """A random SAE whose bias / threshold lets about ``L0`` latents fire per token."""
-    k = L0 if arch == "topk" else None
-    sae = SAE.random(arch, d_in, d_sae, hook, k=k, seed=seed, **cfg).to(dtype)
-    x = torch.randn(256, d_in, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    with torch.no_grad():
-        pre = (x - sae.b_dec) @ sae.W_enc
-        cut = torch.quantile(pre.flatten().float(), 1 - L0 / d_sae).to(dtype)
-        if arch == "gated":
-            sae.b_gate.copy_(-cut)
-        elif arch in ("jumprelu", "batchtopk"):
-            sae.b_enc.zero_()
-            sae.threshold.copy_(cut.expand(d_sae))
-        elif arch == "standard":
-            sae.b_enc.copy_(-cut)
-    return sae
+    """A random SAE of which about ``L0`` latents fire per token."""
+    return sparse_random_sae(arch, d_in, d_sae, hook, l0=L0, seed=seed, dtype=dtype, **cfg)
 
 
 def dense_reference(sae: SAE, acts: torch.Tensor) -> torch.Tensor:

@@ -86,12 +86,6 @@ def normalize_out(mode: str, y_BD: Tensor, stats: NormStats | None) -> Tensor:
     return y_BD * stats.scale_B1 + shift_B1
 
 
-def topk_relu(pre_BF: Tensor, k: int) -> Tensor:
-    """Keep the ``k`` largest entries of each row, ReLU'd; zero the rest (SAELens ``TopK``)."""
-    values_BK, indices_BK = torch.topk(pre_BF, k=k, dim=-1, sorted=False)
-    return torch.zeros_like(pre_BF).scatter_(-1, indices_BK, values_BK.relu())
-
-
 def jumprelu(pre_BF: Tensor, threshold_F: Tensor) -> Tensor:
     """``relu(pre)`` where ``pre > threshold`` (strictly), else 0 (SAELens ``JumpReLUSAE``).
 

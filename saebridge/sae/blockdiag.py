@@ -72,6 +72,7 @@ class BlockDiagSAE(SAE):
 
     cfg: BlockDiagConfig
     saelens_format: ClassVar[str] = "saelens-blockdiag"
+    blocked_encode: ClassVar[bool] = False  # W_enc is [n_heads, d_head, m]
     """The format that ``save(format="saelens")`` writes this kind of SAE in."""
 
     def __init__(self, cfg: BlockDiagConfig, state_dict: dict[str, Tensor] | None = None
@@ -89,12 +90,9 @@ class BlockDiagSAE(SAE):
 
     # ---- per-head linear maps (the rest of the forward pass is SAE's) -----------------
 
-    def _enc(self, x_BD: Tensor, col_scale_F: Tensor | None = None) -> Tensor:
-        W_HDM: Tensor = self.W_enc
-        if col_scale_F is not None:
-            W_HDM = W_HDM * col_scale_F.reshape(self.cfg.n_heads, 1, -1)
+    def _enc(self, x_BD: Tensor) -> Tensor:
         x_BHD = x_BD.unflatten(-1, (self.cfg.n_heads, self.cfg.d_head))
-        return torch.einsum("...hd,hdm->...hm", x_BHD, W_HDM).flatten(-2)
+        return torch.einsum("...hd,hdm->...hm", x_BHD, self.W_enc).flatten(-2)
 
     def _dec(self, acts_BF: Tensor) -> Tensor:
         acts_BHM = acts_BF.unflatten(-1, (self.cfg.n_heads, self.cfg.latents_per_head))

@@ -13,13 +13,14 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from saebridge.errors import SAEConfigError, ShapeError
 from saebridge.hookmap.space import ActivationSpace
+from saebridge.sae import sparse
 from saebridge.sae.activations import (
     NormStats,
     SAEActivations,
@@ -28,6 +29,7 @@ from saebridge.sae.activations import (
     normalize_in,
     normalize_out,
 )
+from saebridge.sae.blocked import encode_active
 from saebridge.sae.config import SAEConfig
 from saebridge.sae.params import (
     OPTIONAL_PARAMETERS,
@@ -36,7 +38,7 @@ from saebridge.sae.params import (
     dtype_name,
     parameter_shapes,
 )
-from saebridge.sae.sparse import SparseLatents, topk_latents, try_decode
+from saebridge.sae.sparse import SparseLatents, needs_grad, topk_latents, try_decode
 
 Tensor = torch.Tensor
 
@@ -63,6 +65,9 @@ class SAE(nn.Module):
     b_gate: nn.Parameter | None
     b_mag: nn.Parameter | None
     r_mag: nn.Parameter | None
+    blocked_encode: ClassVar[bool] = True
+    """Whether :meth:`forward` may use the blocked encoder (:mod:`saebridge.sae.blocked`),
+    which reads ``W_enc`` as a ``[d_in, d_sae]`` matrix."""
 
     def __init__(self, cfg: SAEConfig, state_dict: Mapping[str, Tensor] | None = None) -> None:
         super().__init__()
@@ -176,8 +181,21 @@ class SAE(nn.Module):
         return normalize_out(self.cfg.normalize_activations, recons_BD, self._norm_stats)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``decode(encode(x))`` in the input's shape (SAELens ``hook_sae_output``)."""
-        return self.run(x).recons
+        """``decode(encode(x))`` in the input's shape (SAELens ``hook_sae_output``).
+
+        Without autograd this never builds the dense ``[..., d_sae]`` latents: the encoder
+        runs in blocks that keep only the active latents (:mod:`saebridge.sae.blocked`),
+        and the decoder gathers their rows. The result equals ``run(x).recons`` within the
+        dtype's rounding.
+        """
+        active = self._encode_active(x)
+        if active is None:
+            return self.run(x).recons
+        sae_input_BD, latents, stats = active
+        scale_F = 1 / self._decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
+        decoded_BD = (sparse.decode_sparse(latents, self.W_dec, scale_F) + self.b_dec).reshape(
+            *sae_input_BD.shape[:-1], -1)
+        return self._finish(x, sae_input_BD, decoded_BD, stats)
 
     def run(self, x: Tensor) -> SAEActivations:
         """Every intermediate of one pass, named after SAELens's hook points.
@@ -189,24 +207,37 @@ class SAE(nn.Module):
         ((3, 8), True)
         """
         sae_input_BD, acts_pre_BF, acts_post_BF, stats, latents = self._encode(x)
-        recons_BD = normalize_out(self.cfg.normalize_activations,
-                                  self._decode_linear(acts_post_BF, latents), stats)
-        # hook_z: back to [..., n_heads, d_head] when that is what came in.
-        return SAEActivations(sae_input_BD, acts_pre_BF, acts_post_BF, recons_BD.reshape(x.shape))
+        recons = self._finish(x, sae_input_BD, self._decode_linear(acts_post_BF, latents), stats)
+        return SAEActivations(sae_input_BD, acts_pre_BF, acts_post_BF, recons)
 
-    def _encode(self, x: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor, NormStats | None, SparseLatents | None]:
-        # The last item: TopK's latents as found by topk, so decode need not search them.
+    def _finish(self, x: Tensor, sae_input_BD: Tensor, decoded_BD: Tensor,
+                stats: NormStats | None) -> Tensor:
+        """The reconstruction from ``latents @ W_dec + b_dec``: normalisation undone, and
+        (hook_z) back to ``[..., n_heads, d_head]`` when that is what came in."""
+        return normalize_out(self.cfg.normalize_activations, decoded_BD, stats).reshape(x.shape)
+
+    def _prepare(self, x: Tensor) -> tuple[Tensor, Tensor, NormStats | None]:
+        """``(hook_sae_input, encoder input, norm stats)``: flattened, normalised, ``b_dec``
+        subtracted."""
         cfg = self.cfg
         sae_input_BD = flatten_heads(x.to(self.W_enc.dtype), cfg.d_in, cfg.is_hook_z,
                                      cfg.hook_name)
         sae_in_BD, stats = normalize_in(cfg.normalize_activations, sae_input_BD)
         if cfg.apply_b_dec_to_input:
             sae_in_BD = sae_in_BD - self.b_dec
+        return sae_input_BD, sae_in_BD, stats
+
+    def _encode(self, x: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, NormStats | None, SparseLatents | None]:
+        # The last item: TopK's latents as found by topk, so decode need not search them.
+        cfg = self.cfg
+        sae_input_BD, sae_in_BD, stats = self._prepare(x)
         if cfg.architecture == "gated":
             assert self.b_gate is not None and self.b_mag is not None and self.r_mag is not None
-            gate_BF = ((self._enc(sae_in_BD) + self.b_gate) > 0).to(sae_in_BD.dtype)
-            acts_pre_BF = self._enc(sae_in_BD, self.r_mag.exp()) + self.b_mag
+            # One matmul for both paths: x @ (W_enc * exp(r_mag)) == (x @ W_enc) * exp(r_mag).
+            lin_BF = self._enc(sae_in_BD)
+            gate_BF = ((lin_BF + self.b_gate) > 0).to(sae_in_BD.dtype)
+            acts_pre_BF = lin_BF.mul_(self.r_mag.exp()).add_(self.b_mag)
             return sae_input_BD, acts_pre_BF, gate_BF * acts_pre_BF.relu(), stats, None
         assert self.b_enc is not None  # every non-gated architecture has one
         # In place: _enc returns a fresh [..., d_sae] tensor, and allocating and first
@@ -237,16 +268,34 @@ class SAE(nn.Module):
             acts_BF = acts_BF * scale_F
         return self._dec(acts_BF) + self.b_dec
 
+    def _encode_active(self, x: Tensor
+                       ) -> tuple[Tensor, SparseLatents, NormStats | None] | None:
+        """``(hook_sae_input, active latents, norm stats)`` by the blocked encoder, or None
+        where the dense path is needed: autograd, a layout of its own, dense latents."""
+        if not self.blocked_encode or needs_grad(x, *self.parameters()):
+            return None
+        cfg = self.cfg
+        sae_input_BD, sae_in_BD, stats = self._prepare(x)
+        gated = cfg.architecture == "gated"
+        latents = encode_active(
+            sae_in_BD.reshape(-1, cfg.d_in), self.W_enc,
+            self.b_gate if gated else self.b_enc,  # type: ignore[arg-type]
+            cfg.architecture, k=int(cfg.k) if cfg.k is not None else None,
+            threshold_F=self.threshold,
+            rank_scale_F=self._decoder_norms() if cfg.rescale_acts_by_decoder_norm else None,
+            mag_scale_F=self.r_mag.exp() if self.r_mag is not None else None,
+            b_mag_F=self.b_mag)
+        return None if latents is None else (sae_input_BD, latents, stats)
+
     # The weight layout lives in these four methods, so that SAEs storing their weights
     # differently (per-head blocks, see saebridge.sae.blockdiag) share the forward pass.
 
     def _parameter_shapes(self, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
         return parameter_shapes(cfg)
 
-    def _enc(self, x_BD: Tensor, col_scale_F: Tensor | None = None) -> Tensor:
-        """``x @ W_enc`` (gated: ``x @ (W_enc * col_scale)``), without the bias."""
-        W_enc_DF = self.W_enc if col_scale_F is None else self.W_enc * col_scale_F
-        return x_BD @ W_enc_DF
+    def _enc(self, x_BD: Tensor) -> Tensor:
+        """``x @ W_enc``, without the bias (a fresh tensor: callers work in place)."""
+        return x_BD @ self.W_enc
 
     def _dec(self, acts_BF: Tensor) -> Tensor:
         """``acts @ W_dec``, without the bias."""

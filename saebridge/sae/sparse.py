@@ -109,7 +109,7 @@ def from_dense(acts_BF: Tensor, max_density: float = MAX_SPARSE_DENSITY
     if not is_sparse_enough(int(torch.count_nonzero(acts_RF)), acts_RF.numel(), max_density):
         return None
     rows_Z, col_Z = acts_RF.nonzero().unbind(1)  # row-major: rows ascending, cols sorted
-    return SparseLatents(_offsets(rows_Z, acts_RF.shape[0]), col_Z, acts_RF[rows_Z, col_Z],
+    return SparseLatents(offsets(rows_Z, acts_RF.shape[0]), col_Z, acts_RF[rows_Z, col_Z],
                          d_sae)
 
 
@@ -171,7 +171,8 @@ def try_decode(acts_BF: Tensor, W_dec_FD: Tensor, latents: SparseLatents | None 
     return recons_RD.reshape(*acts_BF.shape[:-1], W_dec_FD.shape[-1])
 
 
-def _offsets(rows_Z: Tensor, n_rows: int) -> Tensor:
+def offsets(rows_Z: Tensor, n_rows: int) -> Tensor:
+    """CSR row offsets ``[n_rows + 1]`` of entries whose (ascending) rows are ``rows_Z``."""
     crow_R1 = rows_Z.new_zeros(n_rows + 1)
     torch.cumsum(torch.bincount(rows_Z, minlength=n_rows), 0, out=crow_R1[1:])
     return crow_R1

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from saebridge.errors import SAEConfigError
-from saebridge.sae.activations import SAEActivations
+from saebridge.sae.activations import NormStats
 from saebridge.sae.config import SAEConfig
 from saebridge.sae.model import SAE
 from saebridge.sae.params import parameter_shapes
@@ -144,19 +144,19 @@ class Transcoder(SAE):
                                                    dtype=torch.float64)).to(dtype)
         return cls(cfg, tensors)
 
-    def run(self, x: Tensor) -> SAEActivations:
-        """Every intermediate; ``recons`` is the prediction of the output site ``[..., d_out]``.
+    def _finish(self, x: Tensor, sae_input_BD: Tensor, decoded_BO: Tensor,
+                stats: NormStats | None) -> Tensor:
+        """The prediction of the output site ``[..., d_out]``: the decode plus the skip term.
 
         >>> tc = Transcoder.random("standard", 4, 8, 4, "blocks.0.hook_resid_pre",
-        ...                        "blocks.0.hook_resid_post")
-        >>> tuple(tc.run(torch.randn(2, 4)).acts_post.shape)
-        (2, 8)
+        ...                        "blocks.0.hook_resid_post", skip=True)
+        >>> x = torch.randn(2, 4)
+        >>> torch.allclose(tc(x), tc.decode(tc.encode(x)) + x @ tc.W_skip.T)
+        True
         """
-        sae_input_BD, acts_pre_BF, acts_post_BF, _, latents = self._encode(x)
-        pred_BO = self._decode_linear(acts_post_BF, latents)
         if self.W_skip is not None:
-            pred_BO = pred_BO + sae_input_BD @ self.W_skip.T
-        return SAEActivations(sae_input_BD, acts_pre_BF, acts_post_BF, pred_BO)
+            return decoded_BO + sae_input_BD @ self.W_skip.T
+        return decoded_BO
 
     def decoder_direction(self, feature: int) -> Tensor:
         """The direction latent ``feature`` writes at the *output* site, ``[d_out]``."""
