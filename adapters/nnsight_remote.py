@@ -385,14 +385,14 @@ def sae_forward(sae: tuple, x: Tensor) -> Tensor:
     p, c = sae
     sae_input_BD, sae_in_BD, stats = _prepare(sae, x)
     gated = c["architecture"] == "gated"
+    scale_F = _rank_scale(sae)
     latents = None if needs_grad(x) else encode_active(
         sae_in_BD.reshape(-1, c["d_in"]), p["W_enc"], p["b_gate"] if gated else p["b_enc"],
         c["architecture"], k=None if c["k"] is None else int(c["k"]),
-        threshold_F=p.get("threshold"), rank_scale_F=_rank_scale(sae),
+        threshold_F=p.get("threshold"), rank_scale_F=scale_F,
         mag_scale_F=p["r_mag"].exp() if gated else None, b_mag_F=p.get("b_mag"))
     if latents is None:
         return sae_run(sae, x)[3]
-    scale_F = _rank_scale(sae)
     decoded_RD = decode_sparse(latents, p["W_dec"], None if scale_F is None else 1 / scale_F)
     recons_BD = decoded_RD.add_(p["b_dec"]).reshape(sae_input_BD.shape)
     return normalize_out(c["normalize_activations"], recons_BD, stats).reshape(x.shape)

@@ -48,6 +48,9 @@ class SiteContext:
     recording: bool = True
     """Whether :attr:`record` keeps anything. When it does not, an SAE splice skips the
     intermediates only a cache would hold (the dense ``[..., d_sae]`` latents)."""
+    sparse_latents: bool = False
+    """Whether :attr:`record` keeps SAE latents sparse and no pre-activations (a
+    ``sparse=True`` cache): a splice then records the active latents alone."""
     raw_stats: RawStats | None = None
     """Constants of the model's unprocessed weights, where known (LayerNorm gains for
     transcoders that read a LayerNorm's output)."""
@@ -138,17 +141,30 @@ class Splice:
         to_sae = ctx.convert(self.sae.cfg.activation_space, x)
         x_full = to_sae.forward(x)
         x_sae = _sae_dtype(self.sae, _head_view(self.sae, x_full))
-        if ctx.recording:
-            acts = self.sae.run(x_sae)
-            recons = acts.recons
-        else:  # no dense latents: SAE.forward keeps only the active ones
-            recons = self.sae(x_sae)
+        recons = _reconstruct(self.sae, x_sae, ctx)
         error = x_sae - recons
         out = recons + error if self.use_error_term else recons
-        if ctx.recording:
-            for key, value in zip(SAE_HOOKS, (*acts, error, out), strict=True):
-                ctx.record(f"{self.hook}.{key}", value)
+        for key, value in zip(SAE_HOOKS[3:], (recons, error, out), strict=True):
+            ctx.record(f"{self.hook}.{key}", value)
         return to_sae.inverse(_put_head(self.sae, x_full, out.to(x.device, x.dtype)))
+
+
+def _reconstruct(sae: SAE, x_sae: Tensor, ctx: SiteContext) -> Tensor:
+    """The SAE's reconstruction of ``x_sae``, recording ``hook_sae_input`` and the latents
+    as ``ctx`` keeps them. Dense ``[..., d_sae]`` latents are built only for a cache that
+    keeps them dense (or where the blocked encoder cannot run, see ``SAE.forward_sparse``)."""
+    fast = None if ctx.recording and not ctx.sparse_latents else sae.forward_sparse(x_sae)
+    if fast is None:
+        acts = sae.run(x_sae)
+        for key, value in zip(SAE_HOOKS[:3], acts[:3], strict=True):
+            ctx.record(f"{sae.cfg.hook_name}.{key}", value)
+        return acts.recons
+    sae_input, latents, recons = fast
+    if ctx.recording:
+        ctx.record(f"{sae.cfg.hook_name}.hook_sae_input", sae_input)
+        ctx.record(f"{sae.cfg.hook_name}.hook_sae_acts_post",
+                   latents.to_sparse_coo(sae_input.shape[:-1]))
+    return recons
 
 
 @dataclass
@@ -299,13 +315,7 @@ class _TranscoderRead:
                     "model with saebridge.adapters.transformer_lens.from_hf(), or wrap an "
                     "unprocessed one.")
             x_sae = x_sae * gain_bias[0].to(x_sae) + gain_bias[1].to(x_sae)
-        if not ctx.recording:
-            self.state.prediction = self.sae(x_sae)
-            return x
-        acts = self.sae.run(x_sae)
-        self.state.prediction = acts.recons
-        for key, value in zip(SAE_HOOKS[:3], acts[:3], strict=True):
-            ctx.record(f"{self.hook}.{key}", value)
+        self.state.prediction = _reconstruct(self.sae, x_sae, ctx)
         return x
 
 

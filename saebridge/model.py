@@ -226,7 +226,9 @@ class Model:
 
             record = cache.record if cache is not None else (lambda k, v: None)
             ctx = SiteContext(name=name, kind=kind, convert=convert, record=record,
-                              recording=cache is not None, raw_stats=stats)
+                              recording=cache is not None,
+                              sparse_latents=cache is not None and cache.sparse,
+                              raw_stats=stats)
 
             def fn(x: Tensor) -> Tensor:
                 # The canonical layout has the batch first everywhere; a native value shared

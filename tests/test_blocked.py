@@ -139,3 +139,44 @@ def test_transcoder_forward_adds_the_skip_term(arch: str) -> None:
     torch.testing.assert_close(got, acts.recons, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got, tc.decode(acts.acts_post) + x @ tc.W_skip.T,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_empty_inputs_take_the_dense_path() -> None:
+    sae = sparse_sae("topk", dtype=torch.float32)
+    with torch.no_grad():
+        for x in (torch.randn(0, 16), torch.randn(2, 0, 16)):
+            assert sae(x).shape == x.shape
+            assert active(sae, x, 64) is None
+
+
+@pytest.mark.parametrize("backend", ["hf", "tl-processed", "nnsight-hf"])
+def test_splices_build_dense_latents_only_for_a_cache(models, backend: str, monkeypatch):
+    model = models(backend)
+    space = "hf" if backend != "tl-processed" else "tl-processed"
+    hook = "blocks.1.hook_resid_pre"
+    saes = [sparse_random_sae(arch, 64, 4096, hook, l0=16, dtype=torch.float32,
+                              activation_space=space) for arch in ("topk", "jumprelu")]
+    tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    runs: list[str] = []
+    real = SAE.run
+    monkeypatch.setattr(SAE, "run", lambda self, x: runs.append(self.cfg.architecture)
+                        or real(self, x))
+    for sae in saes:
+        spliced = model.run_with_saes(tokens, saes=[sae])
+        assert not runs  # SAE.forward: the blocked encoder, no dense latents
+        sparse_logits, sparse_cache = model.run_with_cache_with_saes(
+            tokens, saes=[sae], names=[hook], sparse=True)
+        assert not runs  # a sparse cache keeps the blocked encoder's latents as they are
+        cached_logits, cache = model.run_with_cache_with_saes(tokens, saes=[sae], names=[hook])
+        assert runs == [sae.cfg.architecture]
+        runs.clear()
+        key = f"{hook}.hook_sae_acts_post"
+        lat = sparse_cache[key]
+        assert lat.is_sparse and lat.is_coalesced() and lat.shape == cache[key].shape
+        torch.testing.assert_close(lat.to_dense(), cache[key], rtol=1e-5, atol=1e-5)
+        assert torch.equal(lat.to_dense() != 0, cache[key] != 0)
+        torch.testing.assert_close(sparse_cache[f"{hook}.hook_sae_input"],
+                                   cache[f"{hook}.hook_sae_input"], rtol=0, atol=0)
+        torch.testing.assert_close(spliced, cached_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(spliced, sparse_logits, rtol=0, atol=0)
+        assert not torch.allclose(spliced, model(tokens), atol=1e-3)

@@ -65,6 +65,8 @@ def encode_active(x_RD: Tensor, W_enc_DF: Tensor, b_F: Tensor, architecture: str
     JumpReLU's. ``block`` overrides :func:`block_size`.
     """
     R, F = x_RD.shape[0], W_enc_DF.shape[1]
+    if R * F == 0:
+        return None  # nothing to search; the dense path handles empty shapes
     top = None
     if architecture == "topk":
         assert k is not None

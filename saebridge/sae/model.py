@@ -183,19 +183,46 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``decode(encode(x))`` in the input's shape (SAELens ``hook_sae_output``).
 
-        Without autograd this never builds the dense ``[..., d_sae]`` latents: the encoder
-        runs in blocks that keep only the active latents (:mod:`saebridge.sae.blocked`),
-        and the decoder gathers their rows. The result equals ``run(x).recons`` within the
-        dtype's rounding.
+        Without autograd this never builds the dense ``[..., d_sae]`` latents (see
+        :meth:`forward_sparse`); the result equals ``run(x).recons`` within the dtype's
+        rounding.
         """
-        active = self._encode_active(x)
-        if active is None:
-            return self.run(x).recons
-        sae_input_BD, latents, stats = active
-        scale_F = 1 / self._decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
-        decoded_BD = (sparse.decode_sparse(latents, self.W_dec, scale_F) + self.b_dec).reshape(
-            *sae_input_BD.shape[:-1], -1)
-        return self._finish(x, sae_input_BD, decoded_BD, stats)
+        fast = self.forward_sparse(x)
+        return self.run(x).recons if fast is None else fast[2]
+
+    def forward_sparse(self, x: Tensor) -> tuple[Tensor, SparseLatents, Tensor] | None:
+        """``(hook_sae_input, active latents, reconstruction)`` without the dense latents, or
+        None where those are needed: under autograd, for SAEs with a weight layout of their
+        own, and when the latents are denser than ``sparse.MAX_SPARSE_DENSITY``.
+
+        The encoder runs in blocks that keep only the active latents
+        (:mod:`saebridge.sae.blocked`) and the decoder gathers their rows.
+
+        >>> sae = SAE.random("topk", 8, 512, "blocks.0.hook_resid_pre", k=4)
+        >>> with torch.no_grad():
+        ...     sae_input, latents, recons = sae.forward_sparse(torch.randn(2, 3, 8))
+        >>> latents.nnz, tuple(latents.to_sparse_coo(sae_input.shape[:-1]).shape)
+        (24, (2, 3, 512))
+        """
+        if not self.blocked_encode or needs_grad(x, *self.parameters()):
+            return None
+        cfg = self.cfg
+        norms_F = self._decoder_norms() if cfg.rescale_acts_by_decoder_norm else None
+        sae_input_BD, sae_in_BD, stats = self._prepare(x)
+        gated = cfg.architecture == "gated"
+        latents = encode_active(
+            sae_in_BD.reshape(-1, cfg.d_in), self.W_enc,
+            self.b_gate if gated else self.b_enc,  # type: ignore[arg-type]
+            cfg.architecture, k=int(cfg.k) if cfg.k is not None else None,
+            threshold_F=self.threshold, rank_scale_F=norms_F,
+            mag_scale_F=self.r_mag.exp() if self.r_mag is not None else None,
+            b_mag_F=self.b_mag)
+        if latents is None:
+            return None
+        decoded_RD = sparse.decode_sparse(latents, self.W_dec, None if norms_F is None else
+                                          1 / norms_F).add_(self.b_dec)
+        decoded_BD = decoded_RD.reshape(*sae_input_BD.shape[:-1], decoded_RD.shape[-1])
+        return sae_input_BD, latents, self._finish(x, sae_input_BD, decoded_BD, stats)
 
     def run(self, x: Tensor) -> SAEActivations:
         """Every intermediate of one pass, named after SAELens's hook points.
@@ -267,25 +294,6 @@ class SAE(nn.Module):
         if scale_F is not None:
             acts_BF = acts_BF * scale_F
         return self._dec(acts_BF) + self.b_dec
-
-    def _encode_active(self, x: Tensor
-                       ) -> tuple[Tensor, SparseLatents, NormStats | None] | None:
-        """``(hook_sae_input, active latents, norm stats)`` by the blocked encoder, or None
-        where the dense path is needed: autograd, a layout of its own, dense latents."""
-        if not self.blocked_encode or needs_grad(x, *self.parameters()):
-            return None
-        cfg = self.cfg
-        sae_input_BD, sae_in_BD, stats = self._prepare(x)
-        gated = cfg.architecture == "gated"
-        latents = encode_active(
-            sae_in_BD.reshape(-1, cfg.d_in), self.W_enc,
-            self.b_gate if gated else self.b_enc,  # type: ignore[arg-type]
-            cfg.architecture, k=int(cfg.k) if cfg.k is not None else None,
-            threshold_F=self.threshold,
-            rank_scale_F=self._decoder_norms() if cfg.rescale_acts_by_decoder_norm else None,
-            mag_scale_F=self.r_mag.exp() if self.r_mag is not None else None,
-            b_mag_F=self.b_mag)
-        return None if latents is None else (sae_input_BD, latents, stats)
 
     # The weight layout lives in these four methods, so that SAEs storing their weights
     # differently (per-head blocks, see saebridge.sae.blockdiag) share the forward pass.
