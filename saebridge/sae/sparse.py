@@ -14,10 +14,12 @@ The sparse path is taken only where it gives the dense result up to summation or
 * autograd does not need the latents' gradient: a dense decode gives every latent, even an
   inactive one, the gradient ``W_dec @ grad``, which a sparse decode cannot.
 
-Both :meth:`SAE.run` (from TopK's indices, without searching for them) and
-:meth:`SAE.decode` (from a dense latent tensor) build the same entries in the same order
-(ascending latent index per token, zeros dropped), so ``forward(x)`` and
-``decode(encode(x))`` stay bit-identical.
+:meth:`SAE.run` (from TopK's indices, without searching for them), :meth:`SAE.decode`
+(from a dense latent tensor) and the blocked encoder behind :meth:`SAE.forward`
+(:mod:`saebridge.sae.blocked`, which never builds the dense latents) all build the same
+entries in the same order (ascending latent index per token, zeros dropped), so
+``forward(x)`` and ``decode(encode(x))`` agree to the encoder matmul's rounding (bit for
+bit when it fits one block).
 
 >>> import torch
 >>> W_dec = torch.randn(1000, 8)
