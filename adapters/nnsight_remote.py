@@ -36,6 +36,8 @@ from typing import Any
 import torch
 
 from saebridge.errors import ShapeError
+from saebridge.indexing import head as head_of
+from saebridge.indexing import put_head, select_positions
 from saebridge.sae.activations import flatten_heads, jumprelu, normalize_in, normalize_out
 from saebridge.sae.blocked import encode_active
 from saebridge.sae.sparse import decode_sparse, needs_grad, topk_latents, try_decode
@@ -53,8 +55,8 @@ def register() -> None:
 
     from nnsight import register as nnsight_register
 
-    for name in (__name__, "saebridge.sae.activations", "saebridge.sae.sparse",
-                 "saebridge.sae.blocked", "saebridge.errors"):
+    for name in (__name__, "saebridge.indexing", "saebridge.sae.activations",
+                 "saebridge.sae.sparse", "saebridge.sae.blocked", "saebridge.errors"):
         nnsight_register(sys.modules[name])
 
 
@@ -217,29 +219,6 @@ def shift_of(conv: tuple, x: Tensor) -> Tensor | None:
     return shift
 
 
-def _head(x: Tensor, head: int | None) -> Tensor:
-    return x if head is None else x[..., head, :]
-
-
-def _put_head(x: Tensor, new: Tensor, head: int | None) -> Tensor:
-    if head is None:
-        return new
-    out = x.clone()
-    out[..., head, :] = new
-    return out
-
-
-def _select(x: Tensor, positions: Any) -> tuple:
-    """Index of ``positions`` along dim 1, as :func:`saebridge.interventions._select`."""
-    if positions is None:
-        return (slice(None),)
-    if isinstance(positions, int):
-        positions = [positions]
-    if isinstance(positions, slice):
-        return (slice(None), positions)
-    return (slice(None), torch.as_tensor(list(positions), device=x.device))
-
-
 def _sae_input(sae: tuple, x: Tensor, conv: tuple, name: str
                ) -> tuple[Tensor | None, Tensor, Tensor]:
     params, cfg = sae
@@ -249,7 +228,7 @@ def _sae_input(sae: tuple, x: Tensor, conv: tuple, name: str
             f"SAE with hook_head_index={head} at {name!r}: the site has "
             f"{x.shape[-2] if x.dim() >= 4 else 'no'} heads. Use a head index in range, or an "
             "SAE for the whole site.")
-    width = _head(x, head).shape[-1]
+    width = head_of(x, head).shape[-1]
     flat = x.shape[-2] * x.shape[-1] if x.dim() >= 4 and head is None else width
     if cfg["d_in"] not in (width, flat):
         raise ShapeError(
@@ -258,12 +237,12 @@ def _sae_input(sae: tuple, x: Tensor, conv: tuple, name: str
     shift = shift_of(conv, x)
     x_full = x if shift is None else x + shift
     w = params["W_dec"]
-    return shift, x_full, _head(x_full, head).to(w.device, w.dtype)
+    return shift, x_full, head_of(x_full, head).to(w.device, w.dtype)
 
 
 def _write_back(sae: tuple, x: Tensor, shift: Tensor | None, x_full: Tensor, new: Tensor
                 ) -> Tensor:
-    out = _put_head(x_full, new.to(x.device, x.dtype), sae[1]["hook_head_index"])
+    out = put_head(x_full, new.to(x.device, x.dtype), sae[1]["hook_head_index"])
     return out if shift is None else out - shift
 
 
@@ -289,7 +268,7 @@ def apply_edit(op: tuple, x: Tensor, site: SiteOps) -> Tensor:
     shift, x_full, x_sae = _sae_input(sae, x, conv, site.name)
     _, _, acts, stats, _ = sae_encode(sae, x_sae)
     edited = acts.clone()
-    idx = (*_select(acts, positions), ...)
+    idx = (*select_positions(acts, positions), ...)
     sub = edited[idx]
     chosen = sub[..., features]
     sub[..., features] = torch.zeros_like(chosen) if value is None else torch.full_like(
@@ -301,7 +280,7 @@ def apply_edit(op: tuple, x: Tensor, site: SiteOps) -> Tensor:
 
 def apply_steer(op: tuple, x: Tensor, site: SiteOps) -> Tensor:
     _, vector, coef, positions, head = op
-    target = _head(x, head)
+    target = head_of(x, head)
     vec = vector.to(x.device, x.dtype)
     if vec.numel() != target.shape[-1] and vec.numel() == target[0, 0].numel():
         vec = vec.reshape(target.shape[2:])
@@ -311,7 +290,7 @@ def apply_steer(op: tuple, x: Tensor, site: SiteOps) -> Tensor:
             f"whose activations are {tuple(target.shape[2:])} per position. Pass a vector of "
             "the site's width.")
     out = x.clone()
-    _head(out, head)[_select(x, positions)] += coef * vec
+    head_of(out, head)[select_positions(x, positions)] += coef * vec
     return out
 
 

@@ -21,13 +21,13 @@ from saebridge.hookmap import split
 from saebridge.hookmap.convert import Affine, RawStats
 from saebridge.hookmap.site import Kind
 from saebridge.hookmap.space import ActivationSpace
+from saebridge.indexing import Positions, put_head, select_positions
 
 if TYPE_CHECKING:
     from saebridge.sae import SAE
     from saebridge.sae.transcoder import Transcoder
 
 Tensor = torch.Tensor
-Positions = int | Sequence[int] | slice | None
 
 SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons",
              "hook_sae_error", "hook_sae_output")
@@ -70,17 +70,6 @@ class Intervention(Protocol):
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor: ...
 
 
-def _select(x: Tensor, positions: Positions) -> tuple[slice | Tensor | list[int], ...]:
-    """Index selecting ``positions`` (dim 1) of an activation; every position when None."""
-    if positions is None:
-        return (slice(None),)
-    if isinstance(positions, int):
-        positions = [positions]
-    if isinstance(positions, slice):
-        return (slice(None), positions)
-    return (slice(None), torch.as_tensor(list(positions), device=x.device))
-
-
 def _head_view(sae: SAE, x: Tensor) -> Tensor:
     """The part of ``x`` the SAE reads: one head when ``hook_head_index`` is set."""
     head = sae.cfg.hook_head_index
@@ -92,15 +81,6 @@ def _head_view(sae: SAE, x: Tensor) -> Tensor:
             f"SAE with hook_head_index={head} at {sae.cfg.hook_name!r}: the site has {n_heads} "
             "heads. Use a head index in range, or an SAE for the whole site.")
     return x[..., head, :]
-
-
-def _put_head(sae: SAE, x: Tensor, new: Tensor) -> Tensor:
-    head = sae.cfg.hook_head_index
-    if head is None:
-        return new
-    out = x.clone()
-    out[..., head, :] = new
-    return out
 
 
 def _sae_dtype(sae: SAE, x: Tensor) -> Tensor:
@@ -146,7 +126,8 @@ class Splice:
         out = recons + error if self.use_error_term else recons
         for key, value in zip(SAE_HOOKS[3:], (recons, error, out), strict=True):
             ctx.record(f"{self.hook}.{key}", value)
-        return to_sae.inverse(_put_head(self.sae, x_full, out.to(x.device, x.dtype)))
+        new = out.to(x.device, x.dtype)
+        return to_sae.inverse(put_head(x_full, new, self.sae.cfg.hook_head_index))
 
 
 def _reconstruct(sae: SAE, x_sae: Tensor, ctx: SiteContext) -> Tensor:
@@ -191,7 +172,7 @@ class _LatentEdit(abc.ABC):
         x_sae = _sae_dtype(self.sae, _head_view(self.sae, x_full))
         acts = self.sae.encode(x_sae)
         edited = acts.clone()
-        idx = (*_select(acts, self.positions), ...)
+        idx = (*select_positions(acts, self.positions), ...)
         features = [self.features] if isinstance(self.features, int) else list(self.features)
         sub = edited[idx]
         sub[..., features] = self._edit(sub[..., features])
@@ -199,7 +180,7 @@ class _LatentEdit(abc.ABC):
         # Only the named features change the output: x + decode(edited) - decode(acts).
         delta = self.sae.decode(edited) - self.sae.decode(acts)
         new = (x_sae + delta.reshape(x_sae.shape)).to(x.device, x.dtype)
-        return to_sae.inverse(_put_head(self.sae, x_full, new))
+        return to_sae.inverse(put_head(x_full, new, self.sae.cfg.hook_head_index))
 
 
 @dataclass
@@ -261,7 +242,7 @@ class Steer:
                 "Pass a vector of the site's width.")
         out = x.clone()
         view = out[..., self.head_index, :] if self.head_index is not None else out
-        view[_select(x, self.positions)] += self.coef * vec
+        view[select_positions(x, self.positions)] += self.coef * vec
         return out
 
 
