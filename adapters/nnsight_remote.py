@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from saebridge.errors import ShapeError
+from saebridge.indexing import add_vector, put_head, select_positions
 from saebridge.indexing import head as head_of
-from saebridge.indexing import put_head, select_positions
 from saebridge.sae.activations import flatten_heads, jumprelu, normalize_in, normalize_out
 from saebridge.sae.blocked import encode_active
 from saebridge.sae.sparse import decode_sparse, needs_grad, topk_latents, try_decode
@@ -280,18 +280,7 @@ def apply_edit(op: tuple, x: Tensor, site: SiteOps) -> Tensor:
 
 def apply_steer(op: tuple, x: Tensor, site: SiteOps) -> Tensor:
     _, vector, coef, positions, head = op
-    target = head_of(x, head)
-    vec = vector.to(x.device, x.dtype)
-    if vec.numel() != target.shape[-1] and vec.numel() == target[0, 0].numel():
-        vec = vec.reshape(target.shape[2:])
-    elif vec.shape[-1:] != target.shape[-1:]:
-        raise ShapeError(
-            f"steering vector of shape {tuple(vector.shape)} does not fit hook {site.name!r}, "
-            f"whose activations are {tuple(target.shape[2:])} per position. Pass a vector of "
-            "the site's width.")
-    out = x.clone()
-    head_of(out, head)[select_positions(x, positions)] += coef * vec
-    return out
+    return add_vector(x, vector, coef, positions, head, site.name)
 
 
 def apply_cache(op: tuple, x: Tensor, site: SiteOps) -> Tensor:

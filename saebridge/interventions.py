@@ -21,7 +21,7 @@ from saebridge.hookmap import split
 from saebridge.hookmap.convert import Affine, RawStats
 from saebridge.hookmap.site import Kind
 from saebridge.hookmap.space import ActivationSpace
-from saebridge.indexing import Positions, put_head, select_positions
+from saebridge.indexing import Positions, add_vector, put_head, select_positions
 
 if TYPE_CHECKING:
     from saebridge.sae import SAE
@@ -231,19 +231,8 @@ class Steer:
                    positions=positions, head_index=sae.cfg.hook_head_index)
 
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
-        target = x[..., self.head_index, :] if self.head_index is not None else x
-        vec = self.vector.to(x.device, x.dtype)
-        if vec.numel() != target.shape[-1] and vec.numel() == target[0, 0].numel():
-            vec = vec.reshape(target.shape[2:])
-        elif vec.shape[-1:] != target.shape[-1:]:
-            raise ShapeError(
-                f"steering vector of shape {tuple(self.vector.shape)} does not fit hook "
-                f"{self.hook!r}, whose activations are {tuple(target.shape[2:])} per position. "
-                "Pass a vector of the site's width.")
-        out = x.clone()
-        view = out[..., self.head_index, :] if self.head_index is not None else out
-        view[select_positions(x, self.positions)] += self.coef * vec
-        return out
+        return add_vector(x, self.vector, self.coef, self.positions, self.head_index,
+                          self.hook)
 
 
 @dataclass
