@@ -39,7 +39,7 @@ from saebridge.errors import ShapeError
 from saebridge.indexing import add_vector, put_head, select_positions
 from saebridge.indexing import head as head_of
 from saebridge.sae.activations import flatten_heads, jumprelu, normalize_in, normalize_out
-from saebridge.sae.blocked import encode_active
+from saebridge.sae.blocked import encode_sae
 from saebridge.sae.sparse import decode_sparse, needs_grad, topk_latents, try_decode
 
 Tensor = torch.Tensor
@@ -352,13 +352,9 @@ def sae_forward(sae: tuple, x: Tensor) -> Tensor:
     encoder keeps only the active latents (:mod:`saebridge.sae.blocked`)."""
     p, c = sae
     sae_input_BD, sae_in_BD, stats = _prepare(sae, x)
-    gated = c["architecture"] == "gated"
     scale_F = _rank_scale(sae)
-    latents = None if needs_grad(x) else encode_active(
-        sae_in_BD.reshape(-1, c["d_in"]), p["W_enc"], p["b_gate"] if gated else p["b_enc"],
-        c["architecture"], k=None if c["k"] is None else int(c["k"]),
-        threshold_F=p.get("threshold"), rank_scale_F=scale_F,
-        mag_scale_F=p["r_mag"].exp() if gated else None, b_mag_F=p.get("b_mag"))
+    latents = None if needs_grad(x) else encode_sae(
+        sae_in_BD.reshape(-1, c["d_in"]), p, c["architecture"], c["k"], scale_F)
     if latents is None:
         return sae_run(sae, x)[3]
     decoded_RD = decode_sparse(latents, p["W_dec"], None if scale_F is None else 1 / scale_F)

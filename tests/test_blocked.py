@@ -22,15 +22,12 @@ def sparse_sae(arch: str, *, d_sae: int = 2048, seed: int = 0,
 
 
 def active(sae: SAE, x: torch.Tensor, block: int) -> sparse.SparseLatents | None:
-    """``encode_active`` as ``SAE.forward`` calls it, with a forced block size."""
+    """The blocked encoder as ``SAE.forward_sparse`` calls it, with a forced block size."""
     cfg = sae.cfg
     _, sae_in, _ = sae._prepare(x)
-    gated = cfg.architecture == "gated"
-    return blocked.encode_active(
-        sae_in.reshape(-1, cfg.d_in), sae.W_enc, sae.b_gate if gated else sae.b_enc,
-        cfg.architecture, k=cfg.k, threshold_F=sae.threshold,
-        rank_scale_F=sae._decoder_norms() if cfg.rescale_acts_by_decoder_norm else None,
-        mag_scale_F=sae.r_mag.exp() if gated else None, b_mag_F=sae.b_mag, block=block)
+    norms = sae._decoder_norms() if cfg.rescale_acts_by_decoder_norm else None
+    return blocked.encode_sae(sae_in.reshape(-1, cfg.d_in), dict(sae.named_parameters()),
+                              cfg.architecture, cfg.k, norms, block=block)
 
 
 def assert_same_latents(got: sparse.SparseLatents, acts_post: torch.Tensor) -> None:
@@ -106,8 +103,8 @@ def test_too_dense_falls_back_to_the_dense_path() -> None:
 
 def test_autograd_and_block_layouts_take_the_dense_path(monkeypatch) -> None:
     calls = []
-    real = blocked.encode_active
-    monkeypatch.setattr("saebridge.sae.model.encode_active",
+    real = blocked.encode_sae
+    monkeypatch.setattr("saebridge.sae.model.encode_sae",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
     sae = sparse_sae("topk", dtype=torch.float32)
     x = torch.randn(5, 16)

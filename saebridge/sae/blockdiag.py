@@ -72,8 +72,8 @@ class BlockDiagSAE(SAE):
 
     cfg: BlockDiagConfig
     saelens_format: ClassVar[str] = "saelens-blockdiag"
-    blocked_encode: ClassVar[bool] = False  # W_enc is [n_heads, d_head, m]
     """The format that ``save(format="saelens")`` writes this kind of SAE in."""
+    blocked_encode: ClassVar[bool] = False  # W_enc is [n_heads, d_head, m]
 
     def __init__(self, cfg: BlockDiagConfig, state_dict: dict[str, Tensor] | None = None
                  ) -> None:

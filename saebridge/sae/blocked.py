@@ -7,8 +7,9 @@ and then reads it again for the activation function, for the search for non-zero
 for the scatter into dense latents. Here the encoder runs one block of latents at a time
 into one small buffer that stays in cache: ``x @ W_enc[:, block]``, the bias, the
 activation and the search for the active latents all touch it while it is hot, and only the
-active entries leave the block. TopK keeps each block's ``k`` largest as candidates and
-takes the ``k`` largest of those (the global top ``k`` is always among them).
+active entries leave the block. TopK takes the first block's ``k`` largest per row, and
+from later blocks only the entries above the smallest of those (:class:`_TopK`): the global
+top ``k`` is always among the candidates.
 
 The active latents come out in :class:`~saebridge.sae.sparse.SparseLatents` order (ascending
 latent index per token), with the values the dense path computes: the per-block arithmetic
@@ -21,6 +22,8 @@ Only torch is imported, so the nnsight remote kernel can ship this module by val
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -36,8 +39,8 @@ Tensor = torch.Tensor
 
 BLOCK_ELEMENTS = 1 << 19
 """Entries of one block's pre-activations on CPU: 2 MiB in fp32, inside a core's L2/L3
-share. ``benchmarks/bench_blocked.py`` measures the encoder at 512 tokens × 24576 latents:
-one fresh dense matmul output costs ~10 % more than blocks of 512-2048 latents."""
+share. At 512 tokens × 24576 latents one fresh dense matmul output costs ~10-15 % more
+than blocks of 512-2048 latents (``benchmarks/profile_splice.py``, docs/benchmarks.md)."""
 
 MIN_BLOCK = 256
 """Fewest latents per block: narrower matmuls lose more to their own overhead."""
@@ -49,6 +52,20 @@ def block_size(n_rows: int, d_sae: int, device: torch.device) -> int:
     if device.type != "cpu":
         return d_sae
     return min(d_sae, max(MIN_BLOCK, BLOCK_ELEMENTS // max(n_rows, 1)))
+
+
+def encode_sae(x_RD: Tensor, params: Mapping[str, Tensor], architecture: str,
+               k: float | None, rank_scale_F: Tensor | None = None, block: int | None = None
+               ) -> SparseLatents | None:
+    """:func:`encode_active` of an SAE given its parameters by their SAELens names
+    (``W_enc``, ``b_enc`` or ``b_gate``/``b_mag``/``r_mag``, ``threshold``), as both
+    :class:`saebridge.SAE` and the nnsight trace kernel hold them."""
+    gated = architecture == "gated"
+    return encode_active(
+        x_RD, params["W_enc"], params["b_gate" if gated else "b_enc"], architecture,
+        k=None if k is None else int(k), threshold_F=params.get("threshold"),
+        rank_scale_F=rank_scale_F, mag_scale_F=params["r_mag"].exp() if gated else None,
+        b_mag_F=params.get("b_mag"), block=block)
 
 
 def encode_active(x_RD: Tensor, W_enc_DF: Tensor, b_F: Tensor, architecture: str, *,

@@ -29,7 +29,7 @@ from saebridge.sae.activations import (
     normalize_in,
     normalize_out,
 )
-from saebridge.sae.blocked import encode_active
+from saebridge.sae.blocked import encode_sae
 from saebridge.sae.config import SAEConfig
 from saebridge.sae.params import (
     OPTIONAL_PARAMETERS,
@@ -209,14 +209,8 @@ class SAE(nn.Module):
         cfg = self.cfg
         norms_F = self._decoder_norms() if cfg.rescale_acts_by_decoder_norm else None
         sae_input_BD, sae_in_BD, stats = self._prepare(x)
-        gated = cfg.architecture == "gated"
-        latents = encode_active(
-            sae_in_BD.reshape(-1, cfg.d_in), self.W_enc,
-            self.b_gate if gated else self.b_enc,  # type: ignore[arg-type]
-            cfg.architecture, k=int(cfg.k) if cfg.k is not None else None,
-            threshold_F=self.threshold, rank_scale_F=norms_F,
-            mag_scale_F=self.r_mag.exp() if self.r_mag is not None else None,
-            b_mag_F=self.b_mag)
+        latents = encode_sae(sae_in_BD.reshape(-1, cfg.d_in), dict(self.named_parameters()),
+                             cfg.architecture, cfg.k, norms_F)
         if latents is None:
             return None
         decoded_RD = sparse.decode_sparse(latents, self.W_dec, None if norms_F is None else
