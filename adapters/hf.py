@@ -8,7 +8,7 @@ Every handle is removed in ``finally``, so a forward that raises leaves no hook 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from saebridge.hookmap.convert import RawStats
 from saebridge.hookmap.layout import LAYOUTS
 from saebridge.hookmap.site import Kind, Site
 from saebridge.hookmap.space import HF
+from saebridge.kernel.layout import Location, apply_at
 
 Tensor = torch.Tensor
 
@@ -96,11 +97,31 @@ class HFAdapter:
             self._stats = RawStats.from_tl_weights(self.map.tl_weights(sd, self.n_heads))
         return self._stats
 
-    def _module(self, path: str) -> nn.Module:
-        return self._modules[self.prefix + path]
+    def locate(self, name: str) -> Location:
+        """Where hook ``name`` lives: the hook map's :class:`Site`, with the model's prefix
+        and head sizes (raises UnknownHookError for names this model lacks)."""
+        site, prefix = self.site(name), self.prefix
+        return Location(prefix + site.module, site.io, site.index, site.arg, site.kwarg,
+                        LAYOUTS[site.layout], self.n_heads, self.d_head,
+                        None if site.residual_from is None else prefix + site.residual_from,
+                        site.writable)
+
+    call_kwargs: ClassVar[dict[str, Any]] = {"use_cache": False}
+    """What every forward passes besides the tokens (no KV cache: one pass, every hook)."""
+
+    def generate_call(self, tokens_BP: Tensor, n_new: int
+                      ) -> tuple[Callable[..., Tensor], dict[str, Any]]:
+        """The model's ``generate``, greedy, no KV cache, no stop at EOS, and its kwargs."""
+        config: Any = self.model.generation_config
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        model: Any = self.model
+        return model.generate, dict(
+            attention_mask=torch.ones_like(tokens_BP), max_new_tokens=n_new, do_sample=False,
+            use_cache=False, eos_token_id=None, pad_token_id=pad or 0)
 
     def run(self, tokens_BP: Tensor, edits: Mapping[str, SiteFn]) -> Tensor:
-        return self._hooked(edits, lambda: self.model(input_ids=tokens_BP, use_cache=False).logits)
+        return self._hooked(edits, lambda: self.model(input_ids=tokens_BP, **self.call_kwargs
+                                                      ).logits)
 
     def generate(self, tokens_BP: Tensor, edits_for: Callable[[Tensor], Mapping[str, SiteFn]],
                  max_new_tokens: int) -> Tensor:
@@ -112,41 +133,35 @@ class HFAdapter:
             current.clear()
             current.update(edits_for(kwargs["input_ids"] if "input_ids" in kwargs else args[0]))
 
-        config: Any = self.model.generation_config
-        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        call, kwargs = self.generate_call(tokens_BP, max_new_tokens)
         handle = self.model.register_forward_pre_hook(plan, with_kwargs=True, prepend=True)
         try:
-            model: Any = self.model
             return self._hooked({name: _current(current, name) for name in current},
-                                lambda: model.generate(
-                                    input_ids=tokens_BP, attention_mask=torch.ones_like(tokens_BP),
-                                    max_new_tokens=max_new_tokens, do_sample=False,
-                                    use_cache=False, eos_token_id=None, pad_token_id=pad or 0))
+                                lambda: call(input_ids=tokens_BP, **kwargs))
         finally:
             handle.remove()
 
     def _hooked(self, edits: Mapping[str, SiteFn], call: Callable[[], Any]) -> Any:
         """``call()`` with ``edits`` hooked in; every hook is removed afterwards."""
         order = {n: i for i, n in enumerate(self._order())}
-        groups: dict[tuple[str, str], list[tuple[str, Site]]] = {}
+        groups: dict[tuple[str, str], list[tuple[Location, SiteFn]]] = {}
         for name in sorted(edits, key=order.__getitem__):
-            site = self.site(name)
-            groups.setdefault((site.module, site.io), []).append((name, site))
+            loc = self.locate(name)
+            groups.setdefault((loc.path, loc.side), []).append((loc, edits[name]))
         stash: dict[str, Tensor] = {}
         handles = []
         try:
-            for (module, io), group in groups.items():
-                fns = [(n, s, edits[n]) for n, s in group]
-                mod = self._module(module)
-                if io == "output":
-                    handles.append(mod.register_forward_hook(self._output_hook(fns, stash)))
+            for (path, side), views in groups.items():
+                mod = self._modules[path]
+                if side == "output":
+                    handles.append(mod.register_forward_hook(_output_hook(views, stash)))
                 else:
                     handles.append(mod.register_forward_pre_hook(
-                        self._input_hook(fns), with_kwargs=True))
+                        _input_hook(views), with_kwargs=True))
             # Registered last so they see inputs after any edit at the same module.
-            for path in {s.residual_from for g in groups.values() for _, s in g
-                         if s.residual_from is not None}:
-                handles.append(self._module(path).register_forward_pre_hook(
+            for path in {loc.residual for views in groups.values() for loc, _ in views
+                         if loc.residual is not None}:
+                handles.append(self._modules[path].register_forward_pre_hook(
                     _stash_input(path, stash), with_kwargs=True))
             return call()
         finally:
@@ -157,43 +172,38 @@ class HFAdapter:
         """Every canonical name in execution order (edits at one module run in this order)."""
         return names(self.map, self.n_layers)
 
-    def _apply(self, t: Tensor, site: Site, fn: SiteFn, stash: dict[str, Tensor],
-               module: nn.Module) -> Tensor:
-        layout = LAYOUTS[site.layout]
-        view = layout.read(t, self.n_heads, module, self.d_head)
-        residual = stash[site.residual_from] if site.residual_from else None
-        if residual is not None:
-            view = view + residual
-        new = fn(view)
-        if new is view or not site.writable:
-            return t
-        if residual is not None:
-            new = new - residual
-        return layout.write(t, new, module)
 
-    def _output_hook(self, fns: list[tuple[str, Site, SiteFn]], stash: dict[str, Tensor]):
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            for _, site, fn in fns:
-                if site.index is None:
-                    output = self._apply(output, site, fn, stash, module)
-                else:
-                    items = list(output)
-                    items[site.index] = self._apply(items[site.index], site, fn, stash, module)
-                    output = type(output)(items) if isinstance(output, tuple) else items
-            return output
-        return hook
+def _output_hook(views: list[tuple[Location, SiteFn]], stash: dict[str, Tensor]):
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        for loc, fn in views:
+            items = list(output) if loc.index is not None else [output]
+            residual = stash[loc.residual] if loc.residual is not None else None
+            new = apply_at(loc, items[loc.index or 0], fn, residual, module)
+            if new is None:
+                continue
+            if loc.index is None:
+                output = new
+            else:
+                items[loc.index] = new
+                output = type(output)(items) if isinstance(output, tuple) else items
+        return output
+    return hook
 
-    def _input_hook(self, fns: list[tuple[str, Site, SiteFn]]):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            for _, site, fn in fns:
-                if len(args) > site.arg:
-                    args = (*args[:site.arg], self._apply(args[site.arg], site, fn, {}, module),
-                            *args[site.arg + 1:])
-                else:
-                    kwargs = {**kwargs, site.kwarg: self._apply(kwargs[site.kwarg], site, fn, {},
-                                                               module)}
-            return args, kwargs
-        return hook
+
+def _input_hook(views: list[tuple[Location, SiteFn]]):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for loc, fn in views:
+            positional = len(args) > loc.arg
+            t = args[loc.arg] if positional else kwargs[loc.kwarg]  # type: ignore[index]
+            new = apply_at(loc, t, fn, None, module)
+            if new is None:
+                continue
+            if positional:
+                args = (*args[:loc.arg], new, *args[loc.arg + 1:])
+            else:
+                kwargs = {**kwargs, loc.kwarg: new}  # type: ignore[dict-item]
+        return args, kwargs
+    return hook
 
 
 def refuse_bridged(model: nn.Module) -> None:

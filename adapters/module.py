@@ -5,10 +5,21 @@ names, for each canonical TransformerLens hook they want, the module and tensor 
 carries it (:class:`~saebridge.hookmap.site.HookSpec`); the same torch-hook machinery as
 the HF adapter applies edits there, and every hook is removed after each forward.
 
->>> # model = sb.wrap(my_transformer, hookmap={
->>> #     "blocks.0.hook_resid_pre": sb.HookSpec("blocks.0", io="input"),
->>> #     "blocks.0.attn.hook_z": sb.HookSpec("blocks.0.attn.proj", io="input", reshape=(4, 16)),
->>> # })
+Here the module is the tiny GPT-2 seen as a plain ``nn.Module``:
+
+>>> import saebridge as sb
+>>> from saebridge.tiny import tiny_gpt2
+>>> my_transformer, tokenizer = tiny_gpt2()
+>>> model = sb.wrap(my_transformer, tokenizer=tokenizer, hookmap={
+...     "blocks.0.hook_resid_pre": sb.HookSpec("transformer.h.0", io="input"),
+...     "blocks.0.attn.hook_z": sb.HookSpec("transformer.h.0.attn.c_proj", io="input",
+...                                         reshape=(4, 16)),
+... })
+>>> model.backend, model.hook_names()
+('module', ['blocks.0.hook_resid_pre', 'blocks.0.attn.hook_z'])
+>>> logits, cache = model.run_with_cache(model.to_tokens("Hello world"))
+>>> cache["blocks.0.attn.hook_z"].shape  # [batch, pos, head, d_head]
+torch.Size([1, 6, 4, 16])
 """
 
 from __future__ import annotations

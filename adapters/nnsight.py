@@ -22,30 +22,26 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import fields
 from typing import Any
 
 import torch
 from nnsight import save
 
-from saebridge.adapters.nnsight_remote import forward, generate
+from saebridge.adapters.nnsight_remote import View, Visit, forward, generate
 from saebridge.adapters.nnsight_tl import UnifiedTransformer
 from saebridge.backends import SiteFn, build
 from saebridge.errors import UnknownHookError, UnsupportedArchitectureError
-from saebridge.generate import greedy
-from saebridge.hookmap import split
 from saebridge.hookmap.convert import RawStats
-from saebridge.hookmap.layout import LAYOUTS, Layout
 from saebridge.hookmap.site import Kind
+from saebridge.kernel.layout import Location
 
 Tensor = torch.Tensor
-Visits = list[tuple[str, str, int, list, str | None]]
 
 _PROBES: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, str], tuple[int, int]]] = (
     weakref.WeakKeyDictionary())
-_LAYOUT_FIELDS = ("part", "heads", "interleaved", "unnorm")
-FLAVOURS = {"hf": "hf", "transformer_lens": "tl", "transformer_bridge": "bridge"}
-"""The wrapped model's backend → the nnsight adapter's flavour (``backend`` nnsight-…)."""
+NAMES = {"hf": "nnsight-hf", "transformer_lens": "nnsight-tl",
+         "transformer_bridge": "nnsight-bridge"}
+"""The wrapped model's backend → this adapter's backend name."""
 
 
 def _is(obj: object, class_path: str) -> bool:
@@ -56,8 +52,8 @@ class NNsightAdapter:
     """Adapter for an nnsight envoy over an HF model or a HookedTransformer.
 
     ``remote`` (``True``, ``"local"``, an NDIF host URL, or an nnsight ``Backend``) makes
-    :func:`saebridge.wrap` return a front whose runs execute as remote requests (see
-    :mod:`saebridge.adapters.nnsight_plan`).
+    :func:`saebridge.wrap` return a front whose runs execute as remote requests (the
+    registry builds it with :func:`saebridge.adapters.nnsight_plan.adapter_for`).
     """
 
     def __init__(self, envoy: Any, tokenizer: Any | None = None,
@@ -66,23 +62,17 @@ class NNsightAdapter:
         if tokenizer is None:
             tokenizer = getattr(envoy, "tokenizer", None)
         self.inner = build(envoy._module, tokenizer=tokenizer)
-        if self.inner.backend not in FLAVOURS:
+        if self.inner.backend not in NAMES:
             raise UnsupportedArchitectureError(
                 f"nnsight over a {self.inner.backend} model is not supported; wrap a Hugging "
                 "Face model, a HookedTransformer or a TransformerBridge in nnsight, or pass the "
                 "model itself.")
-        self.flavour = FLAVOURS[self.inner.backend]
-        self.backend = f"nnsight-{self.flavour}"
+        self.backend = NAMES[self.inner.backend]
         self.space, self.tokenizer = self.inner.space, self.inner.tokenizer
         self.d_vocab, self.n_layers = self.inner.d_vocab, self.inner.n_layers
         self.model_name = self.inner.model_name
-        self.remote = remote
-        if remote is not False:
-            from saebridge.adapters.nnsight_plan import RemoteModel
-
-            self.front = RemoteModel
-        self._when = _probe(envoy, self.flavour, self.inner.device)
-        self._paths = {id(module): path for path, module in envoy._module.named_modules()}
+        self.remote = remote  # not False: nnsight_plan.adapter_for gives it a remote front
+        self._when = _probe(envoy, self.inner.call_kwargs, self.inner.device)
 
     # ---- the Adapter protocol ---------------------------------------------------------
 
@@ -93,7 +83,7 @@ class NNsightAdapter:
         return torch.device("cpu") if device.type == "meta" else device
 
     def hook_names(self) -> list[str]:
-        return [n for n in self.inner.hook_names() if self.location(n)[:2] in self._when]
+        return [n for n in self.inner.hook_names() if self._reached(self.locate(n))]
 
     def kind(self, name: str) -> Kind:
         return self.inner.kind(name)
@@ -106,7 +96,7 @@ class NNsightAdapter:
 
     def run(self, tokens_BP: Tensor, edits: Mapping[str, SiteFn]) -> Tensor:
         visits, envoy = self.visits(self.site_fns(edits)), self.envoy
-        with envoy.trace(tokens_BP, **self.forward_kwargs()) as tracer:
+        with envoy.trace(tokens_BP, **self.inner.call_kwargs) as tracer:
             logits = save(forward(tracer, envoy, visits))
         return logits
 
@@ -114,7 +104,7 @@ class NNsightAdapter:
                  max_new_tokens: int) -> Tensor:
         """Greedy tokens ``[batch, pos + max_new_tokens]`` from the model's own ``generate``
         (no KV cache, no stop at EOS); ``edits_for(tokens)`` gives each forward's edits."""
-        def plan(tokens: Tensor) -> Visits:
+        def plan(tokens: Tensor) -> list[Visit]:
             return self.visits(self.site_fns(edits_for(tokens)))
 
         plan(tokens_BP)  # unknown hooks fail before the run
@@ -127,110 +117,54 @@ class NNsightAdapter:
 
     # ---- sites --------------------------------------------------------------------------
 
-    def location(self, name: str) -> tuple[str, str, tuple]:
-        """``(envoy path, io, view)`` of a canonical hook; the view is a kernel view less fn."""
-        if self.flavour != "hf":  # TransformerLens hook points are modules: their output
-            self.inner.kind(name)  # unknown names fail with the nearest ones listed
-            path = name if self.flavour == "tl" else self._paths[id(
-                self.envoy._module.hook_dict[name])]  # a bridge's aliases resolve to modules
-            return path, "output", (None, 0, None, (None, False, False, None, 0, None), None,
-                                    self.inner.writable(name))
-        inner: Any = self.inner  # an HFAdapter: its hook map's Site data, not its hooks
-        site, prefix = inner.site(name), inner.prefix
-        residual = None if site.residual_from is None else prefix + site.residual_from
-        layout = kernel_layout(LAYOUTS[site.layout], inner.n_heads, inner.d_head)
-        return (prefix + site.module, site.io,
-                (site.index, site.arg, site.kwarg, layout, residual, site.writable))
-
-    def visits(self, fns: Mapping[str, Any]) -> Visits:
-        """The locations of ``fns``' hooks in execution order, each with its views."""
-        rank = {n: i for i, n in enumerate(self.inner.hook_names())}
-        groups: dict[tuple[str, str], list] = {}
-        stashed: set[str] = set()
-        for name in sorted(fns, key=lambda n: rank.get(n, -1)):
-            path, io, view = self.location(name)
-            self._check_reached(name, path, io)
-            groups.setdefault((path, io), []).append((*view, fns[name]))
-            if view[4] is not None:
-                stashed.add(view[4])
-        for path in stashed:
-            groups.setdefault((path, "input"), [])
-        order = sorted(groups, key=lambda loc: self._when[loc][0])
-        return [(path, io, self._when[(path, io)][1], groups[(path, io)],
-                 "hidden_states" if io == "input" and path in stashed else None)
-                for path, io in order]
+    def locate(self, name: str) -> Location:
+        """Where hook ``name`` lives, as the wrapped model's own adapter says: envoy paths
+        are module paths (TransformerLens hook points are modules, so envoys too)."""
+        return self.inner.locate(name)
 
     def site_fns(self, edits: Mapping[str, SiteFn]) -> Mapping[str, SiteFn]:
-        """What runs at each hook: as given, except that a bridge's ``hook_resid_mid`` (the
-        input of ``ln2``, not the residual the block adds to) carries an edit on to the block
-        output, as its own adapter does."""
-        if self.flavour != "bridge":
-            return edits
-        from saebridge.adapters.tl_bridge import _resid_mid_writer, _resid_post_fixer
+        """What runs at each hook: ``edits``, as the wrapped model's adapter arranges them
+        (a bridge carries a ``hook_resid_mid`` edit on to ``hook_resid_post``)."""
+        arrange = getattr(self.inner, "site_fns", None)
+        return edits if arrange is None else arrange(edits)
 
-        hooks = self.envoy._module.hook_dict
-        # A bridge hook point's own conversion (e.g. z flat -> [heads, d_head]) applies when
-        # TransformerLens runs hooks on it; nnsight sees the module's raw output.
-        fns = {name: _converted(fn, hooks[name].hook_conversion)
-               if hooks[name].hook_conversion is not None else fn for name, fn in edits.items()}
-        deltas = dict[int, Tensor]()
-        for name in [n for n in fns if split(n)[1] == "hook_resid_mid"]:
-            layer = int(split(name)[0] or 0)
-            fns[name] = _resid_mid_writer(fns[name], deltas, layer)
-            post = f"blocks.{layer}.hook_resid_post"
-            fns[post] = _resid_post_fixer(fns.get(post), deltas, layer)
-        return fns
+    def visits(self, fns: Mapping[str, Any]) -> list[Visit]:
+        """The locations of ``fns``' hooks in execution order, each with its views."""
+        rank = {n: i for i, n in enumerate(self.inner.hook_names())}
+        groups: dict[tuple[str, str], list[View]] = {}
+        stashed: set[str] = set()
+        for name in sorted(fns, key=lambda n: rank.get(n, -1)):
+            loc = self.locate(name)
+            if not self._reached(loc):
+                raise UnknownHookError(
+                    f"hook {name!r} ({loc.path or 'the model'} {loc.side}) is never reached in "
+                    f"a forward of this {self.backend} model. Pick a hook from "
+                    "model.hook_names().")
+            groups.setdefault((loc.path, loc.side), []).append(View(loc, fns[name]))
+            if loc.residual is not None:
+                stashed.add(loc.residual)
+        for path in stashed:
+            groups.setdefault((path, "input"), [])
+        order = sorted(groups, key=lambda where: self._when[where][0])
+        return [Visit(path, side, self._when[(path, side)][1], groups[(path, side)],
+                      "hidden_states" if side == "input" and path in stashed else None)
+                for path, side in order]
 
-    def _check_reached(self, name: str, path: str, io: str) -> None:
-        if (path, io) not in self._when:
-            raise UnknownHookError(
-                f"hook {name!r} ({path or 'the model'} {io}) is never reached in a forward "
-                f"of this {self.backend} model. Pick a hook from model.hook_names().")
+    def _reached(self, loc: Location) -> bool:
+        return (loc.path, loc.side) in self._when
 
     # ---- how the model is called ------------------------------------------------------------
 
-    def forward_kwargs(self) -> dict[str, Any]:
-        return {"use_cache": False} if self.flavour == "hf" else {}
-
     def generate_call(self, tokens_BP: Tensor, n_new: int
                       ) -> tuple[Callable[..., Tensor], dict[str, Any]]:
-        """What a traced generation calls: greedy, no KV cache, no stop at EOS. HF: nnsight's
-        or the model's ``generate``; TransformerLens: :func:`saebridge.generate.greedy`,
-        since its own ``generate`` embeds tokens outside ``hook_embed``."""
-        module = self.envoy._module
-        if self.flavour != "hf":
-            def call(tokens: Tensor, max_new_tokens: int) -> Tensor:
-                return greedy(module, tokens, max_new_tokens)
-            return call, {"max_new_tokens": n_new}
-        config = module.generation_config
-        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-        kwargs: dict[str, Any] = dict(max_new_tokens=n_new, do_sample=False, use_cache=False,
-                                      eos_token_id=None, pad_token_id=pad or 0)
+        """What a traced generation calls: greedy, no KV cache, no stop at EOS (the wrapped
+        model's adapter says how); an nnsight ``LanguageModel`` runs its own ``generate``, as
+        ``with lm.generate(...)`` does (a remote request then names nnsight's method)."""
+        call, kwargs = self.inner.generate_call(tokens_BP, n_new)
         if _is(self.envoy, "nnsight.modeling.transformers.TransformersModel"):
-            # Its own generate, as `with lm.generate(...)` runs it (a remote request then
-            # names nnsight's method, not transformers').
-            return inspect.unwrap(type(self.envoy).generate).__get__(self.envoy), kwargs
-        kwargs["attention_mask"] = torch.ones_like(tokens_BP)  # a plain NNsight passes it on
-        return module.generate, kwargs
-
-
-def _converted(fn: SiteFn, conversion: Any) -> SiteFn:
-    def site(x: Tensor) -> Tensor:
-        view = conversion.convert(x)
-        new = fn(view)
-        return x if new is view else conversion.revert(new)
-    return site
-
-
-def kernel_layout(layout: Layout, n_heads: int, d_head: int | None) -> tuple:
-    """A hook-map layout as the kernel's ``(part, heads, interleaved, unnorm, n_heads,
-    d_head)``; refuses a layout with fields the kernel does not know."""
-    names = tuple(f.name for f in fields(layout))
-    if names != _LAYOUT_FIELDS:
-        raise UnsupportedArchitectureError(
-            f"the nnsight adapter knows layouts with fields {_LAYOUT_FIELDS}; this hook map's "
-            f"layout has {names}. Teach saebridge.adapters.nnsight_remote the new reshape.")
-    return (layout.part, layout.heads, layout.interleaved, layout.unnorm, n_heads, d_head)
+            kwargs.pop("attention_mask", None)
+            call = inspect.unwrap(type(self.envoy).generate).__get__(self.envoy)
+        return call, kwargs
 
 
 def check_generated(result: Tensor, tracked: Tensor) -> Tensor:
@@ -243,7 +177,7 @@ def check_generated(result: Tensor, tracked: Tensor) -> Tensor:
     return result
 
 
-def _probe(envoy: Any, flavour: str, device: torch.device
+def _probe(envoy: Any, call_kwargs: Mapping[str, Any], device: torch.device
            ) -> dict[tuple[str, str], tuple[int, int]]:
     """``(path, io) -> (first event index, events per forward)`` from one forward on fake
     tensors (nothing computed, works on a meta model), cached per wrapped module."""
@@ -265,10 +199,7 @@ def _probe(envoy: Any, flavour: str, device: torch.device
         interleaver.interleaving = False  # a probe inside a user's trace is not part of it
         with FakeTensorMode(allow_non_fake_inputs=True):
             tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
-            if flavour == "hf":
-                module(input_ids=tokens, use_cache=False)
-            else:
-                module(tokens)
+            module(tokens, **call_kwargs)
     finally:
         interleaver.interleaving = interleaving
         for handle in handles:
@@ -281,9 +212,4 @@ def _probe(envoy: Any, flavour: str, device: torch.device
     return when
 
 
-def adapter_for(obj: Any, **kwargs: Any) -> NNsightAdapter:
-    """The registry's entry point: an adapter for an nnsight envoy."""
-    return NNsightAdapter(obj, **kwargs)
-
-
-__all__ = ["NNsightAdapter", "UnifiedTransformer", "adapter_for"]
+__all__ = ["NNsightAdapter", "UnifiedTransformer"]

@@ -33,11 +33,17 @@ class UnifiedTransformer(NNsight):
     Text is tokenised with saebridge's one BOS policy; TransformerLens hook points are the
     envoys (``ut.blocks[0].hook_resid_pre.output``).
 
-    >>> # ut = UnifiedTransformer(hf_model, tokenizer=tok)
-    >>> # with ut.trace("Hello world"):
-    >>> #     resid = ut.blocks[1].hook_resid_pre.output.save()
-    >>> # with ut.generate("Hello", max_new_tokens=5, do_sample=False) as tracer:
-    >>> #     tokens = tracer.result.save()
+    >>> from saebridge.tiny import tiny_gpt2
+    >>> hf_model, tok = tiny_gpt2()
+    >>> ut = UnifiedTransformer(hf_model, tokenizer=tok)
+    >>> with ut.trace("Hello world"):
+    ...     resid = ut.blocks[1].hook_resid_pre.output.save()
+    >>> tuple(resid.shape) == (1, ut.to_tokens("Hello world").shape[1], 64)
+    True
+    >>> with ut.generate("Hello", max_new_tokens=5, do_sample=False) as tracer:
+    ...     tokens = tracer.result.save()
+    >>> tokens.shape[1] == ut.to_tokens("Hello").shape[1] + 5
+    True
     """
 
     def __init__(self, model: Any, tokenizer: Any | None = None, **from_hf_kwargs: Any) -> None:

@@ -18,17 +18,19 @@ carried to the block output as a delta.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 
 from saebridge.backends import SiteFn
 from saebridge.errors import UnknownHookError, UnsupportedArchitectureError
+from saebridge.generate import greedy_call
 from saebridge.hookmap import hook_map, names, resolve, split
 from saebridge.hookmap.convert import RawStats
 from saebridge.hookmap.site import Kind
 from saebridge.hookmap.space import HF, ActivationSpace, in_force
+from saebridge.kernel.layout import Location
 
 Tensor = torch.Tensor
 SPACE_ATTR = "saebridge_space"
@@ -60,8 +62,10 @@ def bridge_from_hf(hf_model: Any, *, compatibility_mode: bool = False,
         **processing: ``fold_ln``, ``center_writing_weights``, ``center_unembed``,
             ``fold_value_biases`` for compatibility mode (TransformerLens's defaults: on).
 
-    >>> # raw = bridge_from_hf(hf_model)                          # HF numbers, TL hook names
-    >>> # compat = bridge_from_hf(hf_model, compatibility_mode=True)  # processed TL numbers
+    >>> from saebridge import tiny, wrap
+    >>> compat = bridge_from_hf(tiny.tiny_gpt2()[0], compatibility_mode=True)  # processed TL
+    >>> wrap(compat).backend, wrap(compat).space.fold_ln  # without compatibility_mode: False
+    ('transformer_bridge', True)
     """
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
@@ -155,6 +159,7 @@ class BridgeAdapter:
         self.space = detect_space(model)
         hooks = model.hook_dict  # the bridge's own names plus TransformerLens aliases
         self._names = [n for n in names(self.map, self.n_layers) if n in hooks]
+        self._paths: dict[int, str] | None = None
         self._stats: RawStats | None = getattr(model, STATS_ATTR, None)
         if self._stats is None and self.space == HF:
             self._stats = RawStats.from_tl_weights(model.get_params())
@@ -178,19 +183,45 @@ class BridgeAdapter:
     def writable(self, name: str) -> bool:
         return not name.endswith("hook_pattern")
 
+    def locate(self, name: str) -> Location:
+        """The bridge's own hook-point module behind a TransformerLens alias; nnsight sees
+        the module's raw value, so the hook point's ``hook_conversion`` comes along, and an
+        edit at ``hook_resid_mid`` must also reach ``hook_resid_post`` (:meth:`site_fns`)."""
+        self.kind(name)
+        if self._paths is None:
+            self._paths = {id(m): p for p, m in self.model.named_modules()}
+        hook = self.model.hook_dict[name]
+        layer, rel = split(name)
+        return Location(self._paths[id(hook)], "output", writable=self.writable(name),
+                        convert=hook.hook_conversion,
+                        companion=f"blocks.{layer}.hook_resid_post"
+                        if rel == "hook_resid_mid" else None)
+
+    call_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def generate_call(self, tokens_BP: Tensor, n_new: int
+                      ) -> tuple[Callable[..., Tensor], dict[str, Any]]:
+        return greedy_call(self.model, n_new)
+
+    def site_fns(self, edits: Mapping[str, SiteFn]) -> dict[str, SiteFn]:
+        """What runs at each hook: ``edits``, with an edit at ``hook_resid_mid`` (the input
+        of ``ln2``, not the residual the block adds to) carried on to the block output."""
+        fns: dict[str, SiteFn] = dict(edits)
+        deltas: dict[int, Tensor] = {}
+        for name in [n for n in fns if split(n)[1] == "hook_resid_mid"]:
+            layer = int(split(name)[0] or 0)
+            fns[name] = _resid_mid_writer(fns[name], deltas, layer)
+            post = f"blocks.{layer}.hook_resid_post"
+            fns[post] = _resid_post_fixer(fns.get(post), deltas, layer)
+        return fns
+
     def raw_stats(self) -> RawStats | None:
         if self._stats is None:
             return None
         return self._stats.to(self.device, next(self.model.parameters()).dtype)
 
     def run(self, tokens_BP: Tensor, edits: Mapping[str, SiteFn]) -> Tensor:
-        fns: dict[str, SiteFn] = dict(edits)
-        deltas: dict[int, Tensor] = {}
-        for name in [n for n in fns if split(n)[1] == "hook_resid_mid"]:
-            layer = split(name)[0]
-            fns[name] = _resid_mid_writer(fns[name], deltas, int(layer or 0))
-            post = f"blocks.{layer}.hook_resid_post"
-            fns[post] = _resid_post_fixer(fns.get(post), deltas, int(layer or 0))
+        fns = self.site_fns(edits)
 
         def hook(fn: SiteFn):
             def bridge_hook(x: Tensor, hook: Any) -> Tensor:

@@ -9,17 +9,21 @@ the weights (:func:`detect_space`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 
 from saebridge.backends import SiteFn
-from saebridge.errors import BackendNotInstalledError, UnsupportedArchitectureError, unknown
+from saebridge.errors import BackendNotInstalledError
+from saebridge.generate import greedy_call
 from saebridge.hookmap import hook_map, names, resolve
 from saebridge.hookmap.convert import RawStats
+from saebridge.hookmap.registry import TL_CONFIGS, tl_table
 from saebridge.hookmap.site import Kind
 from saebridge.hookmap.space import HF, ActivationSpace, in_force
+from saebridge.hookmap.tl_config import tl_fields
+from saebridge.kernel.layout import Location
 
 try:  # TransformerLens 4 removed HookedTransformer; saebridge must still import there.
     from transformer_lens import HookedTransformer
@@ -30,72 +34,10 @@ except ImportError:
 Tensor = torch.Tensor
 
 
-def _rope(c: Any, key: str, default: float) -> float:
-    params = getattr(c, "rope_parameters", None) or {}
-    return float(params.get(key, getattr(c, key, None) or default))
-
-
-def _d_head(c: Any) -> int:
-    return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
-
-
-def _local(c: Any) -> list[str] | None:
-    """TransformerLens attention types from transformers 5's ``layer_types``."""
-    types = getattr(c, "layer_types", None) or []
-    local = ["local" if t == "sliding_attention" else "global" for t in types]
-    return local if "local" in local else None
-
-
-_ROTARY: dict[str, Any] = {
-    "positional_embedding_type": ("rotary",), "rotary_adjacent_pairs": (False,),
-    "rotary_base": lambda c: _rope(c, "rope_theta", 10000.0),
-}
-_LLAMA: dict[str, Any] = {
-    **_ROTARY,
-    "d_model": "hidden_size", "n_heads": "num_attention_heads", "n_layers": "num_hidden_layers",
-    "n_ctx": "max_position_embeddings", "d_vocab": "vocab_size", "d_mlp": "intermediate_size",
-    "eps": "rms_norm_eps", "act_fn": "hidden_act", "d_head": _d_head, "rotary_dim": _d_head,
-    "n_key_value_heads": lambda c: None if c.num_key_value_heads == c.num_attention_heads
-    else c.num_key_value_heads,
-    "use_local_attn": lambda c: _local(c) is not None, "attn_types": _local,
-    "window_size": lambda c: getattr(c, "sliding_window", None) if _local(c) else None,
-    "normalization_type": ("RMS",), "final_rms": (True,), "gated_mlp": (True,),
-}
-# TransformerLens config field -> HF config attribute, constant (1-tuple) or function of the
-# HF config, per architecture. TL 3.9's own converter breaks on transformers 5's configs
-# (and looks names up on the hub), hence these tables.
-TL_CONFIG: dict[str, dict[str, Any]] = {
-    "GPT2LMHeadModel": {
-        "d_model": "n_embd", "n_heads": "n_head", "n_layers": "n_layer", "n_ctx": "n_positions",
-        "d_vocab": "vocab_size", "act_fn": "activation_function", "eps": "layer_norm_epsilon",
-        "scale_attn_by_inverse_layer_idx": "scale_attn_by_inverse_layer_idx",
-        "d_head": lambda c: c.n_embd // c.n_head,
-        "d_mlp": lambda c: getattr(c, "n_inner", None) or 4 * c.n_embd,
-        "normalization_type": ("LN",), "positional_embedding_type": ("standard",),
-        "default_prepend_bos": (True,),
-    },
-    "GPTNeoXForCausalLM": {
-        **_ROTARY,
-        "d_model": "hidden_size", "n_heads": "num_attention_heads",
-        "n_layers": "num_hidden_layers", "n_ctx": "max_position_embeddings",
-        "d_vocab": "vocab_size", "d_mlp": "intermediate_size", "eps": "layer_norm_eps",
-        "act_fn": "hidden_act", "parallel_attn_mlp": "use_parallel_residual", "d_head": _d_head,
-        "rotary_dim": lambda c: round(_rope(c, "partial_rotary_factor", 1.0) * _d_head(c)),
-        "normalization_type": ("LN",), "default_prepend_bos": (False,),
-    },
-    "LlamaForCausalLM": _LLAMA,
-    "MistralForCausalLM": _LLAMA,
-    "Qwen2ForCausalLM": _LLAMA,
-    "Gemma2ForCausalLM": {
-        **_LLAMA,
-        "act_fn": "hidden_activation",
-        "n_key_value_heads": "num_key_value_heads",
-        "attn_scale": lambda c: float(c.query_pre_attn_scalar) ** 0.5,
-        "attn_scores_soft_cap": "attn_logit_softcapping",
-        "output_logits_soft_cap": "final_logit_softcapping",
-        "use_normalization_before_and_after": (True,),
-    },
-}
+TL_CONFIG = TL_CONFIGS
+"""HF architecture name → TransformerLens config table (field ← HF config attribute,
+constant or function), read from each architecture's file in ``saebridge/hookmap``: a live,
+read-only view of the registry."""
 SPACE_ATTR = "saebridge_space"
 STATS_ATTR = "saebridge_raw_stats"
 PRINT_ATTR = "saebridge_fingerprint"
@@ -130,12 +72,7 @@ def tl_config(hf_config: Any) -> Any:
     """A ``HookedTransformerConfig`` equivalent to an HF config (no hub access)."""
     require_hooked_transformer()
     arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
-    if arch not in TL_CONFIG:
-        raise UnsupportedArchitectureError(unknown(
-            "architecture for from_hf", arch, TL_CONFIG,
-            "Add its field table to saebridge.adapters.transformer_lens.TL_CONFIG."))
-    fields = {k: v[0] if isinstance(v, tuple) else v(hf_config) if callable(v)
-              else getattr(hf_config, v) for k, v in TL_CONFIG[arch].items()}
+    fields = tl_fields(tl_table(arch), hf_config)
     fields["model_name"] = getattr(hf_config, "_name_or_path", "") or "custom"
     return HookedTransformerConfig(original_architecture=arch, **fields)
 
@@ -157,9 +94,13 @@ def from_hf(hf_model: Any, *, fold_ln: bool = True, center_writing_weights: bool
     Qwen2, Gemma-2). Under TransformerLens 4.x, which has no HookedTransformer, this raises
     :class:`~saebridge.errors.BackendNotInstalledError` naming the version.
 
-    >>> # tl = from_hf(hf_model, tokenizer=tok)                       # processed, as TL's default
-    >>> # raw = from_hf(hf_model, fold_ln=False, center_writing_weights=False,
-    >>> #               center_unembed=False, fold_value_biases=False)
+    >>> from saebridge.tiny import tiny_gpt2
+    >>> hf_model, tok = tiny_gpt2()
+    >>> tl = from_hf(hf_model, tokenizer=tok)                       # processed, as TL's default
+    >>> raw = from_hf(hf_model, fold_ln=False, center_writing_weights=False,
+    ...               center_unembed=False, fold_value_biases=False)
+    >>> tl.cfg.normalization_type, raw.cfg.normalization_type      # fold_ln leaves LNPre
+    ('LNPre', 'LN')
     """
     from saebridge.adapters.hf import refuse_bridged
 
@@ -276,6 +217,19 @@ class TLAdapter:
     def writable(self, name: str) -> bool:
         return True
 
+    def locate(self, name: str) -> Location:
+        """A hook point is a module named by its canonical name; its value is its output."""
+        self.kind(name)  # unknown names fail with the nearest ones listed
+        return Location(name)
+
+    call_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def generate_call(self, tokens_BP: Tensor, n_new: int
+                      ) -> tuple[Callable[..., Tensor], dict[str, Any]]:
+        """Greedy decoding by whole forwards (TransformerLens's own ``generate`` embeds
+        tokens outside ``hook_embed``)."""
+        return greedy_call(self.model, n_new)
+
     def raw_stats(self) -> RawStats | None:
         stats = getattr(self.model, STATS_ATTR, None)
         if stats is None and self.space == HF:
@@ -295,3 +249,4 @@ class TLAdapter:
         return self.model.run_with_hooks(
             tokens_BP, return_type="logits",
             fwd_hooks=[(name, hook(fn)) for name, fn in edits.items()])
+

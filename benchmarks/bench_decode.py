@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common
 from common import per_round, table
 
-from saebridge.sae import SAE, sparse
+from saebridge.kernel import sparse
+from saebridge.sae import SAE
 
 D_IN, N_TOKENS = 768, 512
 

@@ -5,16 +5,22 @@ on TransformerLens, nnsight or raw Hugging Face models, with hook names and acti
 spaces mapped between them.
 
 >>> import saebridge as sb
->>> # model = sb.wrap(hf_model, tokenizer=tok); sae = sb.SAE.load("path/to/sae")
->>> # logits = model.run_with_saes(tokens, saes=[sae])
+>>> from saebridge.tiny import tiny_gpt2
+>>> hf_model, tokenizer = tiny_gpt2()
+>>> model = sb.wrap(hf_model, tokenizer=tokenizer)
+>>> sae = sb.SAE.random("topk", 64, 256, "blocks.0.hook_resid_post", k=8)
+>>> tokens = model.to_tokens("Hello world")
+>>> logits = model.run_with_saes(tokens, saes=[sae])
+>>> logits.shape == model(tokens).shape
+True
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from saebridge import errors
-from saebridge.backends import build
+from saebridge import formats as formats  # importing it fills SAE.load/SAE.save's slot
+from saebridge.backends import build as build
+from saebridge.backends import wrap
 from saebridge.cache import ActivationShards, cache_activations
 from saebridge.errors import SAEBridgeError
 from saebridge.formats.info import SAEInfo, inspect
@@ -27,27 +33,6 @@ from saebridge.trace import Trace, prepare_splice, prepare_steer, splice, steer,
 from saebridge.validation import Report, validate
 
 __version__ = "0.1.0"
-
-
-def wrap(obj: Any, **kwargs: Any) -> Model:
-    """Wrap a model of any supported backend in the common front.
-
-    Args:
-        obj: a ``transformers`` causal LM, a TransformerLens ``HookedTransformer`` or
-            ``TransformerBridge``, or an nnsight ``LanguageModel``/``NNsight`` over either.
-        **kwargs: passed to the backend's adapter (``tokenizer=`` for HF models;
-            ``hookmap={canonical name: HookSpec(...)}`` for any other ``nn.Module``;
-            ``remote=True | "local" | backend`` for nnsight models: every run a remote request).
-
-    >>> # model = sb.wrap(hf_model, tokenizer=tokenizer); model.backend  -> 'hf'
-    """
-    if isinstance(obj, Model):
-        return obj
-    adapter = build(obj, **kwargs)
-    # An adapter may need its own front (nnsight with remote=: runs compiled to data).
-    front: type[Model] = getattr(adapter, "front", Model)
-    return front(adapter)
-
 
 __all__ = ["SAE", "Ablate", "ActivationCache", "ActivationShards", "ActivationSpace", "Clamp",
            "HookSpec", "Model", "Report", "SAEBridgeError", "SAEConfig", "SAEInfo", "Splice",

@@ -19,9 +19,21 @@ Layout of ``out_dir``::
                                     col[crow[i]:crow[i+1]] (int32) with their values
       metadata: batch_start, batch_end (which input batches), n_tokens
 
->>> # shards = sb.cache_activations(model, batches, hooks=["blocks.8.hook_resid_pre"],
->>> #                               saes=[sae], out_dir="acts")
->>> # shards[0]["blocks.8.hook_resid_pre.hook_sae_acts_post"]  # dense [d_sae] latents
+>>> import tempfile, saebridge as sb
+>>> from saebridge.tiny import tiny_gpt2
+>>> hf_model, tokenizer = tiny_gpt2()
+>>> model = sb.wrap(hf_model, tokenizer=tokenizer)
+>>> sae = sb.SAE.random("topk", 64, 256, "blocks.1.hook_resid_pre", k=8)
+>>> batches = [model.to_tokens("Hello world"), model.to_tokens("The quick brown fox")]
+>>> with tempfile.TemporaryDirectory() as out_dir:
+...     shards = sb.cache_activations(model, batches, hooks=["blocks.1.hook_resid_pre"],
+...                                   saes=[sae], out_dir=out_dir)
+...     row = shards[0]
+>>> len(shards), row["blocks.1.hook_resid_pre"].shape  # one row per token: 6 + 10
+(16, torch.Size([64]))
+>>> latents = row["blocks.1.hook_resid_pre.hook_sae_acts_post"]  # dense [d_sae]
+>>> latents.shape, int((latents != 0).sum())  # TopK: k active
+(torch.Size([256]), 8)
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from saebridge.backends import wrap
 from saebridge.errors import SAEBridgeError
 from saebridge.model import Model
 from saebridge.sae import SAE
@@ -82,10 +95,17 @@ def cache_activations(model: Any, token_batches: Iterable[Tensor], *, hooks: Seq
     Returns:
         The shards as an :class:`ActivationShards` dataset.
 
-    >>> # shards = cache_activations(model, batches, hooks=["blocks.8.hook_resid_pre"],
-    >>> #                            saes=[sae], out_dir="acts")
+    >>> import tempfile, torch
+    >>> from saebridge.tiny import tiny_gpt2
+    >>> hf_model, _ = tiny_gpt2()  # a raw HF model is wrapped for you
+    >>> batches = [torch.tensor([[0, 42]])] * 3
+    >>> with tempfile.TemporaryDirectory() as out_dir:
+    ...     shards = cache_activations(hf_model, batches, hooks=["blocks.0.hook_mlp_out"],
+    ...                                out_dir=out_dir, tokens_per_shard=4)
+    ...     len(shards), len(shards.paths)  # 3 batches of 2 tokens; shards close at >= 4
+    (6, 2)
     """
-    wrapped = model if isinstance(model, Model) else _wrap(model)
+    wrapped: Model = wrap(model)  # a Model comes back as it is
     hooks, saes = list(hooks), list(saes)
     out = Path(out_dir)
     spec = _spec(wrapped, hooks, saes, tokens_per_shard, dtype)
@@ -107,12 +127,6 @@ def cache_activations(model: Any, token_batches: Iterable[Tensor], *, hooks: Seq
     finally:
         bar.close()
     return ActivationShards(out)
-
-
-def _wrap(obj: Any) -> Model:
-    import saebridge  # the package imports this module: import it lazily
-
-    return saebridge.wrap(obj)
 
 
 def _spec(model: Model, hooks: list[str], saes: list[SAE], tokens_per_shard: int,
@@ -179,7 +193,7 @@ def _metadata(path: Path) -> dict[str, str]:
 
 def _read_batch(model: Model, tokens: Tensor, hooks: list[str], saes: list[SAE],
                 dtype: torch.dtype | None) -> dict[str, Tensor]:
-    tokens = model._tokens(tokens)  # the same checks as every run
+    tokens = model.tokens(tokens)  # the same checks as every run
     _, cache = model.run_with_cache_with_saes(tokens, saes=saes, names=hooks,
                                               use_error_term=True, sparse=True)
     n_batch, n_pos = tokens.shape
@@ -265,7 +279,17 @@ class ActivationShards(Dataset):
     in order (or shuffle within shards); :meth:`shard` gives a whole shard with its latents
     as sparse CSR tensors.
 
-    >>> # ds = ActivationShards("acts"); loader = torch.utils.data.DataLoader(ds, batch_size=64)
+    >>> import tempfile, torch, saebridge as sb
+    >>> from saebridge.tiny import tiny_gpt2
+    >>> hf_model, tokenizer = tiny_gpt2()
+    >>> model = sb.wrap(hf_model, tokenizer=tokenizer)
+    >>> with tempfile.TemporaryDirectory() as out_dir:
+    ...     _ = sb.cache_activations(model, [model.to_tokens("Hello world")] * 2,
+    ...                              hooks=["blocks.1.hook_resid_post"], out_dir=out_dir)
+    ...     ds = ActivationShards(out_dir)  # reopened, e.g. by the training job
+    ...     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    >>> batch["tokens"].shape, batch["blocks.1.hook_resid_post"].shape
+    (torch.Size([4]), torch.Size([4, 64]))
     """
 
     def __init__(self, out_dir: str | os.PathLike[str]) -> None:

@@ -1,9 +1,29 @@
 """The ``saebridge`` command line: validate (the main job), inspect, convert, hooks.
 
-Thin over the library: each command parses arguments, calls the public API and prints.
+Thin over the library: each command parses arguments, calls the public API and prints::
 
->>> # $ saebridge validate                 # built-in tiny GPT-2 and SAEs, every backend
->>> # $ saebridge validate --model ./gpt2 --sae ./sae --json report.json
+    $ saebridge validate                 # built-in tiny GPT-2 and SAEs, every backend
+    $ saebridge validate --model ./gpt2 --sae ./sae --json report.json
+
+:func:`main` takes the same arguments and returns the exit status:
+
+>>> import tempfile
+>>> from saebridge.sae import SAE
+>>> with tempfile.TemporaryDirectory() as folder:
+...     SAE.random("topk", 64, 256, "blocks.0.hook_resid_post", k=8).save(folder)
+...     main(["inspect", folder, "--config-only"])
+format                 saelens
+architecture           topk
+hook_name              blocks.0.hook_resid_post
+hook_head_index        None
+d_in                   64
+d_sae                  256
+k                      8
+activation_space       tl-processed
+dtype                  float32
+model_name             None
+normalize_activations  none
+0
 """
 
 from __future__ import annotations
@@ -18,7 +38,8 @@ from typing import Any
 
 import torch
 
-from saebridge import formats
+import saebridge.formats as formats
+from saebridge.backends import entry, wrap
 from saebridge.errors import SAEBridgeError, UnsupportedArchitectureError, unknown
 from saebridge.model import Model
 
@@ -29,24 +50,18 @@ UNPROCESSED = dict(fold_ln=False, center_writing_weights=False, center_unembed=F
 
 def _tl(processed: bool) -> Callable[[Any, Any], Model]:
     def build(hf: Any, tok: Any) -> Model:
-        from saebridge import wrap
-        from saebridge.adapters.transformer_lens import from_hf
-
+        from_hf = entry("transformer_lens", "from_hf")
         return wrap(from_hf(hf, tokenizer=tok, **({} if processed else UNPROCESSED)))
     return build
 
 
 def _hf(hf: Any, tok: Any) -> Model:
-    from saebridge import wrap
-
     return wrap(hf, tokenizer=tok)
 
 
 def _bridge(compat: bool) -> Callable[[Any, Any], Model]:
     def build(hf: Any, tok: Any) -> Model:
-        from saebridge import wrap
-        from saebridge.adapters.tl_bridge import bridge_from_hf
-
+        bridge_from_hf = entry("transformer_bridge", "bridge_from_hf")
         return wrap(bridge_from_hf(hf, compatibility_mode=compat, tokenizer=tok))
     return build
 
@@ -57,8 +72,6 @@ def _nnsight_hf(hf: Any, tok: Any) -> Model:
 
     import nnsight
 
-    from saebridge import wrap
-
     with warnings.catch_warnings():  # LanguageModel is deprecated in nnsight 0.8, still common
         warnings.simplefilter("ignore", nnsight.NNsightDeprecationWarning)
         # Copies: nnsight installs controllers on the modules and edits the tokenizer.
@@ -66,10 +79,7 @@ def _nnsight_hf(hf: Any, tok: Any) -> Model:
 
 
 def _nnsight_tl(hf: Any, tok: Any) -> Model:
-    from saebridge import wrap
-    from saebridge.adapters.nnsight import UnifiedTransformer
-
-    return wrap(UnifiedTransformer(hf, tokenizer=tok))
+    return wrap(entry("nnsight", "UnifiedTransformer")(hf, tokenizer=tok))
 
 
 BACKENDS: dict[str, tuple[str, Callable[[Any, Any], Model]]] = {
@@ -211,17 +221,13 @@ def _bridge_names(hf: Any, tok: Any) -> dict[str, str]:
     if not importlib.util.find_spec("transformer_lens"):
         return {}
     try:
-        from saebridge.adapters.tl_bridge import bridge_from_hf
-
-        bridge = bridge_from_hf(hf, tokenizer=tok)
+        bridge = entry("transformer_bridge", "bridge_from_hf")(hf, tokenizer=tok)
     except SAEBridgeError:  # an architecture or model TransformerBridge cannot take
         return {}
     return {name: getattr(hp, "name", None) or name for name, hp in bridge.hook_dict.items()}
 
 
 def cmd_hooks(args: argparse.Namespace) -> int:
-    from saebridge import wrap
-
     hf, tok = _load_model(args.model, "cpu", torch.float32)
     adapter: Any = wrap(hf, tokenizer=tok).adapter
     bridge = _bridge_names(hf, tok)

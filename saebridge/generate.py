@@ -29,3 +29,12 @@ def greedy(forward: Callable[[Tensor], Tensor], tokens_BP: Tensor, max_new_token
         next_B1 = forward(tokens_BP)[:, -1].argmax(-1, keepdim=True)
         tokens_BP = torch.cat([tokens_BP, next_B1.to(tokens_BP.device)], dim=1)
     return tokens_BP
+
+
+def greedy_call(module: Callable[[Tensor], Tensor], n_new: int
+                ) -> tuple[Callable[..., Tensor], dict[str, int]]:
+    """What a traced generation of ``module`` calls (:func:`greedy` over its forwards), and
+    the keyword arguments it is called with besides the tokens."""
+    def call(tokens: Tensor, max_new_tokens: int) -> Tensor:
+        return greedy(module, tokens, max_new_tokens)
+    return call, {"max_new_tokens": n_new}

@@ -8,64 +8,24 @@ a ``finally``. One forward pass runs at a time per wrapper (a lock); concurrent 
 
 from __future__ import annotations
 
-import threading
 import warnings
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from saebridge.errors import (
-    ModelMismatchWarning,
-    SpaceConversionError,
-    TokensError,
-    UnknownHookError,
-    unknown,
-)
-from saebridge.hookmap.convert import (
-    TRACKED_SITES,
-    Affine,
-    RawMeanTracker,
-    RawStats,
-    conversion,
-    needs_tracker,
-)
-from saebridge.hookmap.space import CANONICAL, ActivationSpace
-from saebridge.interventions import Intervention, SiteContext, Splice, _Observe, expand
+from saebridge.engine import ActivationCache, Plan, RunLock, SiteFn, lock_for, plan
+from saebridge.errors import ModelMismatchWarning, TokensError
+from saebridge.hookmap.space import ActivationSpace
+from saebridge.interventions import Intervention, Splice, expand
 
 if TYPE_CHECKING:
-    from saebridge.backends import Adapter, SiteFn
-    from saebridge.sae import SAE
+    from saebridge.backends import Adapter
+    from saebridge.sae.model import SAE
 
 Tensor = torch.Tensor
 TokensLike = Tensor | str | Sequence[str]
-
-
-_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def underlying(adapter: Any) -> Any:
-    """The object a backend hooks into: the torch module under an adapter (for nnsight,
-    the module under its envoy tree), so wrappers of one model can share a lock."""
-    inner = getattr(adapter, "model", None)
-    if isinstance(inner, torch.nn.Module):
-        return inner
-    envoy = getattr(adapter, "envoy", None)
-    return getattr(envoy, "_module", None) or inner or adapter
-
-
-def lock_for(adapter: Any) -> threading.Lock:
-    """One lock per hooked model, shared by every wrapper of it: hooks registered by two
-    forwards at once on the same modules would run in each other's passes."""
-    key = underlying(adapter)
-    with _LOCKS_GUARD:
-        try:
-            return _LOCKS.setdefault(key, threading.Lock())
-        except TypeError:  # not weakly referenceable: this wrapper's own lock
-            return threading.Lock()
 
 
 def same_model(a: str, b: str) -> bool:
@@ -79,30 +39,6 @@ def same_model(a: str, b: str) -> bool:
         return base.removesuffix("-small")  # TL calls HF's "gpt2" "gpt2-small"
 
     return norm(a) == norm(b)
-
-
-class ActivationCache(dict[str, Tensor]):
-    """Cache keyed by canonical hook names; an unknown key lists the nearest ones."""
-
-    sparse: bool = False
-    """SAE latents (``hook_sae_acts_post``) stored as sparse COO tensors, and the dense
-    ``hook_sae_acts_pre`` left out (see :meth:`Model.run_with_cache_with_saes`)."""
-
-    def record(self, key: str, value: Tensor) -> None:
-        """Store one entry, as :attr:`sparse` asks."""
-        if self.sparse and key.endswith(".hook_sae_acts_pre"):
-            return
-        self[key] = value.to_sparse() if self.sparse and key.endswith(
-            ".hook_sae_acts_post") else value
-
-    def __missing__(self, key: str) -> Tensor:
-        if self.sparse and key.endswith(".hook_sae_acts_pre"):
-            raise UnknownHookError(
-                f"cache key {key!r} is not kept by run_with_cache_with_saes(sparse=True): SAE "
-                "pre-activations are dense, d_sae wide per token. Run with sparse=False to "
-                "cache them.")
-        raise UnknownHookError(unknown("cache key", key, self.keys(),
-                                       "Ask for the hook in names=... when running."))
 
 
 class Model:
@@ -141,7 +77,13 @@ class Model:
     def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = True) -> Tensor:
         """Token ids ``[batch, pos]``, with the BOS token first (the policy of every backend).
 
-        >>> # model.to_tokens("Hello world")  # tensor([[bos, ...]])
+        >>> import saebridge as sb
+        >>> from saebridge.tiny import tiny_gpt2
+        >>> hf_model, tokenizer = tiny_gpt2()  # 2 layers, d_model 64, random weights
+        >>> model = sb.wrap(hf_model, tokenizer=tokenizer)
+        >>> tokens = model.to_tokens("Hello world")
+        >>> tokens.shape[0], int(tokens[0, 0]) == model.adapter.tokenizer.bos_token_id
+        (1, True)
         """
         tok = self._adapter.tokenizer
         if tok is None:
@@ -180,75 +122,34 @@ class Model:
 
     # ---- the engine ---------------------------------------------------------------------
 
-    def _plan(self, tokens: Tensor, ops: list[Intervention], cache: ActivationCache | None,
-              names: Iterable[str]) -> dict[str, SiteFn]:
-        a = self._adapter
-        by_site: dict[str, list[Any]] = {}
-        for op in ops:
-            a.kind(op.hook)  # unknown hooks fail here, before the forward
-            if op.writes and not a.writable(op.hook):
-                raise UnknownHookError(
-                    f"hook {op.hook!r} can be read but not written on the {a.backend} backend "
-                    "(no module boundary carries it). Intervene at another hook.")
-            by_site.setdefault(op.hook, []).append(op)
-        stats = a.raw_stats()
-        tracker = None
-        needy = [op for op in ops if hasattr(op, "sae")
-                 and needs_tracker(a.kind(op.hook), a.space, op.sae.cfg.activation_space)]
-        if needy:
-            if stats is None:
-                raise SpaceConversionError(
-                    f"SAE at {needy[0].hook!r} was trained in space "
-                    f"{needy[0].sae.cfg.activation_space.name!r} but the {a.backend} model is "
-                    f"{a.space.name!r} and its unprocessed weights are unknown, so the raw "
-                    "residual mean cannot be rebuilt. Build the model with "
-                    "saebridge.adapters.transformer_lens.from_hf() or "
-                    "saebridge.adapters.tl_bridge.bridge_from_hf() (they record them), or "
-                    "wrap an unprocessed one.")
-            tracker = RawMeanTracker(stats, a.space, tokens)
-            for layer in range(a.n_layers):
-                for rel in TRACKED_SITES:
-                    name = f"blocks.{layer}.{rel}"
-                    by_site.setdefault(name, []).append(_Observe(name, tracker.observe))
-        if cache is not None:
-            store = self._cacher(cache, stats)
-            for name in names:
-                a.kind(name)  # validates the name before the run starts
-                by_site.setdefault(name, []).append(_Observe(name, store))
+    @property
+    def lock(self) -> RunLock:
+        """The lock every run of the model under this wrapper holds (shared by all its
+        wrappers): one forward at a time; ``sb.trace`` holds it while its block runs."""
+        return self._lock
 
-        batch = tokens.shape[0]
+    @property
+    def attached(self) -> list[Splice]:
+        """The splices of the attached SAEs (a copy), in the order they were attached."""
+        return list(self._attached)
 
-        def site_fn(name: str, site_ops: list[Any]) -> SiteFn:
-            kind = a.kind(name)
+    def tokens(self, tokens: TokensLike) -> Tensor:
+        """``tokens`` checked and on the model's device: text is tokenised (BOS first), a
+        1-D tensor becomes one batch row, ids must be in the vocabulary."""
+        return self._tokens(tokens)
 
-            def convert(space: ActivationSpace, x: Tensor) -> Affine:
-                return conversion(name, kind, a.space, space, x, stats, tracker)
+    def plan(self, tokens_BP: Tensor, ops: Sequence[Intervention] = (),
+             cache: ActivationCache | None = None, names: Iterable[str] = ()) -> Plan:
+        """The engine's plan for one forward: the attached SAEs, then ``ops`` (transcoders
+        expanded), with ``names`` cached (see :func:`saebridge.engine.plan`)."""
+        return plan(self._adapter, tokens_BP, self.ops(ops), cache, names)
 
-            record = cache.record if cache is not None else (lambda k, v: None)
-            ctx = SiteContext(name=name, kind=kind, convert=convert, record=record,
-                              recording=cache is not None,
-                              sparse_latents=cache is not None and cache.sparse,
-                              raw_stats=stats)
-
-            def fn(x: Tensor) -> Tensor:
-                # The canonical layout has the batch first everywhere; a native value shared
-                # by the batch (HF's position embeddings are [1, pos, d]) is broadcast.
-                y = start = x.expand(batch, *x.shape[1:]) if x.dim() > 1 and \
-                    x.shape[0] == 1 and batch > 1 else x
-                for op in site_ops:
-                    y = op.apply(y, ctx)
-                return x if y is start else y
-            return fn
-
-        return {name: site_fn(name, site_ops) for name, site_ops in by_site.items()}
-
-    def _cacher(self, cache: ActivationCache, stats: RawStats | None):
-        a = self._adapter
-
-        def store(name: str, x: Tensor) -> None:
-            conv = conversion(name, a.kind(name), a.space, CANONICAL, x, stats)
-            cache[name] = conv.forward(x).detach()
-        return store
+    def ops(self, ops: Sequence[Intervention] = ()) -> list[Intervention]:
+        """What a run applies: the attached SAEs' splices, then ``ops``, each transcoder
+        splice expanded into a read and a write (model-name mismatches warned)."""
+        all_ops: list[Intervention] = expand([*self._attached, *ops])
+        self._check_model_name(all_ops)
+        return all_ops
 
     def _check_model_name(self, ops: Iterable[Intervention]) -> None:
         mine = self._adapter.model_name
@@ -274,13 +175,16 @@ class Model:
         # Resolving every hook name costs ~2 ms on a 12-layer model: only when caching all.
         if names is None:
             names = self.hook_names() if cache else []
-        # expand(): a transcoder splice reads one site and writes another.
-        all_ops: list[Intervention] = expand([*self._attached, *ops])
-        self._check_model_name(all_ops)
+        all_ops = self.ops(ops)
         with self._lock, torch.no_grad():
-            edits = self._plan(toks, all_ops, store, list(names))
-            logits = self._adapter.run(toks, edits)
+            logits = self._execute(toks, all_ops, store, list(names))
         return logits, store if store is not None else ActivationCache()
+
+    def _execute(self, tokens_BP: Tensor, ops: list[Intervention],
+                 cache: ActivationCache | None, names: list[str]) -> Tensor:
+        """One forward of the engine's plan (the lock held); a remote front sends it."""
+        return self._adapter.run(tokens_BP, plan(self._adapter, tokens_BP, ops, cache,
+                                                 names).sites)
 
     # ---- the public runs ------------------------------------------------------------------
 
@@ -292,7 +196,15 @@ class Model:
                       use_error_term: bool = False) -> Tensor:
         """Logits with ``saes`` spliced in for this call only (on top of attached ones).
 
-        >>> # logits = model.run_with_saes(tokens, saes=[sae])
+        >>> import saebridge as sb
+        >>> from saebridge.tiny import tiny_gpt2
+        >>> hf_model, tokenizer = tiny_gpt2()  # 2 layers, d_model 64, random weights
+        >>> model = sb.wrap(hf_model, tokenizer=tokenizer)
+        >>> sae = sb.SAE.random("topk", 64, 256, "blocks.1.hook_resid_pre", k=8)
+        >>> tokens = model.to_tokens("Hello world")
+        >>> spliced = model.run_with_saes(tokens, saes=[sae])
+        >>> torch.equal(model(tokens), model(tokens)), torch.equal(spliced, model(tokens))
+        (True, False)
         """
         return self._run(tokens, [Splice(s, use_error_term) for s in saes])[0]
 
@@ -317,8 +229,16 @@ class Model:
         dense by nature, is not kept: for a TopK k=32 SAE the latents take ~1/100 of the
         dense memory.
 
-        >>> # _, cache = model.run_with_cache_with_saes(tokens, saes=[sae], sparse=True)
-        >>> # cache[f"{sae.cfg.hook_name}.hook_sae_acts_post"].indices()  # [3, nnz]
+        >>> import saebridge as sb
+        >>> from saebridge.tiny import tiny_gpt2
+        >>> hf_model, tokenizer = tiny_gpt2()  # 2 layers, d_model 64, random weights
+        >>> model = sb.wrap(hf_model, tokenizer=tokenizer)
+        >>> sae = sb.SAE.random("topk", 64, 256, "blocks.1.hook_resid_pre", k=8)
+        >>> _, cache = model.run_with_cache_with_saes("Hello world", saes=[sae], sparse=True)
+        >>> latents = cache["blocks.1.hook_resid_pre.hook_sae_acts_post"]
+        >>> n_tokens = latents.shape[1]
+        >>> latents.is_sparse, latents.indices().shape[0], latents.values().numel() <= 8 * n_tokens
+        (True, 3, True)
         """
         return self._run(tokens, [Splice(s, use_error_term) for s in saes], names, cache=True,
                          sparse=sparse)
@@ -339,10 +259,7 @@ class Model:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 0:
             raise TokensError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
-        ops = expand([*self._attached, *(Splice(s, use_error_term) for s in saes),
-                      *interventions])
-        self._check_model_name(ops)
-        return toks, ops
+        return toks, self.ops([*(Splice(s, use_error_term) for s in saes), *interventions])
 
     def generate(self, tokens: TokensLike, max_new_tokens: int,
                  interventions: Sequence[Intervention] = (), saes: Sequence[SAE] = (),
@@ -355,7 +272,15 @@ class Model:
         step is a whole forward over the sequence so far (no KV cache), so positions and
         activation spaces mean what they mean in one run; it does not stop at EOS.
 
-        >>> # model.generate("Hello", 5, interventions=[sb.Steer.from_sae(sae, 3, coef=8.0)])
+        >>> import saebridge as sb
+        >>> from saebridge.tiny import tiny_gpt2
+        >>> hf_model, tokenizer = tiny_gpt2()  # 2 layers, d_model 64, random weights
+        >>> model = sb.wrap(hf_model, tokenizer=tokenizer)
+        >>> sae = sb.SAE.random("standard", 64, 256, "blocks.1.hook_resid_pre")
+        >>> steer = sb.Steer.from_sae(sae, 3, coef=8.0)
+        >>> prompt = model.to_tokens("Hello")
+        >>> model.generate(prompt, 5, interventions=[steer]).shape[1] - prompt.shape[1]
+        5
         """
         from saebridge.generate import greedy
 
@@ -363,7 +288,7 @@ class Model:
                                          use_error_term)
 
         def edits_for(tokens_BP: Tensor) -> dict[str, SiteFn]:
-            return self._plan(tokens_BP, ops, None, [])
+            return plan(self._adapter, tokens_BP, ops).sites
 
         a = self._adapter
         with self._lock, torch.no_grad():

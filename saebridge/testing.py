@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
+from saebridge.engine import underlying
 from saebridge.hookmap.space import ActivationSpace
 from saebridge.interventions import SiteContext
-from saebridge.model import underlying
+from saebridge.kernel.spaces import forward
 
 Tensor = torch.Tensor
 
@@ -30,7 +31,7 @@ class Record:
         self.hook, self.out, self.space = hook, out, space
 
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
-        self.out[self.hook] = x if self.space is None else ctx.convert(self.space, x).forward(x)
+        self.out[self.hook] = x if self.space is None else forward(ctx.convert(self.space, x), x)
         return x
 
 

@@ -1,18 +1,27 @@
-"""The built-in tiny model: a seeded random GPT-2 and a tokenizer trained on the spot.
+"""The built-in tiny models: seeded random models of every registered architecture, and a
+tokenizer trained on the spot.
 
-Nothing is downloaded. LayerNorm gains/biases and every linear bias are random (the
-default init of ones and zeros would make TransformerLens processing invisible and hide
-bugs), so the activation spaces really differ. Needs the ``hf`` extra (transformers).
+Nothing is downloaded. Each architecture's file says how its tiny model looks (a
+:class:`~saebridge.hookmap.architecture.TinySpec`: config and model class by name); this
+module builds it. Norm gains and every linear bias are random (the default init of ones
+and zeros would make TransformerLens processing invisible and hide bugs), so the
+activation spaces really differ. Needs the ``hf`` extra (transformers).
 
->>> # model, tokenizer = tiny_gpt2()
+>>> model, tokenizer = tiny("llama", seed=0)
+>>> model.config.architectures, model.config.num_key_value_heads
+(['LlamaForCausalLM'], 2)
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from saebridge.hookmap.architecture import TinySpec
+from saebridge.hookmap.registry import architecture, architecture_of
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. Sparse autoencoders find features in "
@@ -40,119 +49,124 @@ def tiny_tokenizer(vocab_size: int = 384) -> Any:
                                    unk_token=BOS)
 
 
-def tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
-              n_positions: int = 64, tokenizer: Any | None = None) -> tuple[Any, Any]:
-    """A random GPT-2 ``(model, tokenizer)`` in eval mode with eager attention."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def tiny_config(name: str, tokenizer: Any | None = None, *, model_class: str | None = None,
+                **overrides: Any) -> Any:
+    """The HF config of the tiny ``name`` model (a registered architecture's short name).
 
+    ``model_class`` builds a sibling architecture of the same file instead (Mistral or
+    Qwen2 from the Llama spec); ``overrides`` replace config values.
+
+    >>> tiny_config("gemma2").head_dim
+    16
+    """
+    import transformers
+
+    spec = architecture(name).tiny
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd,
-                        n_layer=n_layer, n_head=n_head, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, architectures=["GPT2LMHeadModel"])
+    model_class = model_class or spec.model_class
+    config_cls = getattr(transformers, model_class).config_class
+    config = config_cls(**{
+        "vocab_size": len(tokenizer), **copy.deepcopy(dict(spec.config)),
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "architectures": [model_class], **overrides})
     # Eager attention: the only implementation that returns attn.hook_pattern.
     config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
+    return config
+
+
+def _randomise(model: Any, spec: TinySpec, seed: int) -> None:
+    """Random norm gains (as :attr:`TinySpec.gain_init` says) and random biases."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
-            elif "ln_" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=gen))
-    return model.eval(), tokenizer
-
-
-def save_tiny_gpt2(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:
-    """Write :func:`tiny_gpt2` with ``save_pretrained`` (model and tokenizer) to ``path``."""
-    path = Path(path)
-    model, tokenizer = tiny_gpt2(seed=seed, **kwargs)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def _randomise(model: Any, seed: int, gain_centre: float) -> None:
-    """Random norm gains around ``gain_centre`` (1 for ``w``, 0 for Gemma's ``1 + w``),
-    kept away from zero so undoing a gain stays exact, and random biases."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(gain_centre - 0.5 + torch.rand(param.shape, generator=gen))
+            if spec.norm_weights in name and name.endswith("weight"):
+                if spec.gain_init == "uniform":
+                    param.copy_(spec.gain_centre - 0.5 + torch.rand(param.shape, generator=gen))
+                else:
+                    param.copy_(spec.gain_centre + 0.3 * torch.randn(param.shape, generator=gen))
             elif name.endswith("bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=gen))
 
 
-def _tiny(config: Any, model_cls: Any, seed: int, gain_centre: float = 1.0) -> Any:
-    config._attn_implementation = "eager"  # the only one that returns attn.hook_pattern
+def tiny(name: str, seed: int = 0, tokenizer: Any | None = None, *,
+         model_class: str | None = None, **overrides: Any) -> tuple[Any, Any]:
+    """A random ``(model, tokenizer)`` of a registered architecture, in eval mode with
+    eager attention: the same ``seed`` always gives the same weights.
+
+    Args:
+        name: the architecture's short name (``"gpt2"``, ``"neox"``, ``"llama"``, ``"gemma2"``).
+        seed: seeds the init and the random norm gains and biases.
+        tokenizer: defaults to a fresh :func:`tiny_tokenizer`.
+        model_class: a sibling architecture of the same file (``"Qwen2ForCausalLM"``).
+        **overrides: HF config values to change (``use_parallel_residual=False``).
+
+    Raises:
+        UnsupportedArchitectureError: ``name`` is not registered (nearest names listed).
+    """
+    import transformers
+
+    spec = architecture(name).tiny
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
+    config = tiny_config(name, tokenizer, model_class=model_class, **overrides)
     torch.manual_seed(seed)
-    model = model_cls(config)
-    _randomise(model, seed, gain_centre)
-    return model.eval()
+    model = getattr(transformers, model_class or spec.model_class)(config)
+    _randomise(model, spec, seed)
+    return model.eval(), tokenizer
+
+
+def tiny_of(hf_architecture: str, seed: int = 0, tokenizer: Any | None = None,
+            **overrides: Any) -> tuple[Any, Any]:
+    """:func:`tiny` by HF architecture name (``"MistralForCausalLM"``), from the spec of
+    the architecture file whose hook map lists it."""
+    return tiny(architecture_of(hf_architecture).name, seed, tokenizer,
+                model_class=hf_architecture, **overrides)
+
+
+def tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
+              n_positions: int = 64, tokenizer: Any | None = None) -> tuple[Any, Any]:
+    """A random GPT-2 ``(model, tokenizer)`` in eval mode with eager attention."""
+    return tiny("gpt2", seed, tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                n_positions=n_positions)
 
 
 def tiny_neox(seed: int = 0, tokenizer: Any | None = None, **kwargs: Any) -> tuple[Any, Any]:
     """A random GPT-NeoX (Pythia layout: parallel residual, partial rotary, untied
     unembedding) ``(model, tokenizer)`` with random LayerNorm gains and biases."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
-    config = GPTNeoXConfig(**{
-        "vocab_size": len(tokenizer), "hidden_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "intermediate_size": 256, "max_position_embeddings": 64,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                            "partial_rotary_factor": 0.25},
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "architectures": ["GPTNeoXForCausalLM"], **kwargs})
-    return _tiny(config, GPTNeoXForCausalLM, seed), tokenizer
+    return tiny("neox", seed, tokenizer, **kwargs)
 
 
 def tiny_llama(seed: int = 0, tokenizer: Any | None = None, **kwargs: Any) -> tuple[Any, Any]:
     """A random Llama ``(model, tokenizer)`` with grouped-query attention (4 query heads, 2
     key/value heads), attention biases (as Qwen2 has) and random RMSNorm gains."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
-    config = LlamaConfig(**{
-        "vocab_size": len(tokenizer), "hidden_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
-        "max_position_embeddings": 64, "attention_bias": True,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "architectures": ["LlamaForCausalLM"], **kwargs})
-    return _tiny(config, LlamaForCausalLM, seed), tokenizer
+    return tiny("llama", seed, tokenizer, **kwargs)
 
 
 def tiny_gemma2(seed: int = 0, tokenizer: Any | None = None, **kwargs: Any) -> tuple[Any, Any]:
     """A random Gemma-2 ``(model, tokenizer)``: pre/post norms with random ``1 + w`` gains,
     a 4-token sliding window on alternate layers, soft caps low enough to bend the tiny
     model's scores and logits, and ``query_pre_attn_scalar`` ≠ ``head_dim``."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
-    config = Gemma2Config(**{
-        "vocab_size": len(tokenizer), "hidden_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "intermediate_size": 128, "max_position_embeddings": 64, "sliding_window": 4,
-        "query_pre_attn_scalar": 24, "attn_logit_softcapping": 0.5,
-        "final_logit_softcapping": 1.0, "pad_token_id": None,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "architectures": ["Gemma2ForCausalLM"], **kwargs})
-    return _tiny(config, Gemma2ForCausalLM, seed, gain_centre=0.0), tokenizer
-
-
-TINY: dict[str, Any] = {"gpt2": tiny_gpt2, "neox": tiny_neox, "llama": tiny_llama,
-                        "gemma2": tiny_gemma2}
-"""Builders of the tiny models by family name, each ``(seed=, tokenizer=) -> (model, tok)``."""
+    return tiny("gemma2", seed, tokenizer, **kwargs)
 
 
 def save_tiny(family: str, path: str | Path, seed: int = 0) -> Path:
-    """Write the tiny model of ``family`` (a key of :data:`TINY`) and its tokenizer to ``path``.
+    """Write the tiny model of a registered architecture (``"llama"``) and its tokenizer
+    to ``path`` with ``save_pretrained``.
 
-    >>> # save_tiny("llama", "/tmp/tiny-llama")
+    >>> import tempfile
+    >>> save_tiny("gpt2", tempfile.mkdtemp()).joinpath("config.json").exists()
+    True
     """
     path = Path(path)
-    model, tokenizer = TINY[family](seed=seed)
+    model, tokenizer = tiny(family, seed=seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_gpt2(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:
+    """Write :func:`tiny_gpt2` with ``save_pretrained`` (model and tokenizer) to ``path``."""
+    path = Path(path)
+    model, tokenizer = tiny_gpt2(seed=seed, **kwargs)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

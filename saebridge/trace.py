@@ -26,10 +26,12 @@ from typing import Any, Literal
 
 import torch
 
+from saebridge.backends import entry, wrap
 from saebridge.errors import ShapeError, TraceOrderError, unknown
 from saebridge.hookmap.convert import RawStats, conversion
 from saebridge.hookmap.space import CANONICAL
-from saebridge.interventions import Positions, expand
+from saebridge.kernel.indexing import Positions
+from saebridge.kernel.spaces import Conv, forward, shift_for
 from saebridge.model import Model, TokensLike
 from saebridge.sae import SAE
 
@@ -47,13 +49,21 @@ def splice(model: Any, sae: SAE, use_error_term: bool = False) -> Tensor:
     remotely, prepare it beforehand with :func:`prepare_splice`: a remote body may not
     name ``saebridge`` or an SAE module.
 
-    >>> # with lm.trace("Hello world"):
-    >>> #     latents = sb.splice(lm, sae, use_error_term=False).save()
-    >>> #     logits = lm.output.logits.save()
+    >>> import saebridge as sb
+    >>> from nnsight import LanguageModel
+    >>> from saebridge.tiny import tiny_gpt2
+    >>> hf, tok = tiny_gpt2()
+    >>> lm = LanguageModel(hf, tokenizer=tok)
+    >>> sae = sb.SAE.random("topk", 64, 256, "blocks.1.hook_resid_pre", k=8)
+    >>> tokens = sb.wrap(lm).to_tokens("Hello world")
+    >>> with lm.trace(tokens):
+    ...     latents = sb.splice(lm, sae, use_error_term=False).save()
+    ...     logits = lm.output.logits.save()
+    >>> latents.shape[-1], torch.allclose(logits, sb.wrap(lm).run_with_saes(tokens, [sae]),
+    ...                                   atol=1e-5)
+    (256, True)
     """
-    from saebridge.adapters.nnsight_plan import splice as splice_in_trace
-
-    return splice_in_trace(model, sae, use_error_term)
+    return entry("nnsight", "splice")(model, sae, use_error_term)
 
 
 def steer(model: Any, hook: str, vector: Tensor, coef: float = 1.0,
@@ -61,39 +71,61 @@ def steer(model: Any, hook: str, vector: Tensor, coef: float = 1.0,
     """Add ``coef * vector`` at canonical ``hook`` (at ``positions``) from inside your own
     nnsight trace of ``model`` (see :func:`splice`).
 
-    >>> # with lm.trace("Hello world"):
-    >>> #     sb.steer(lm, "blocks.1.hook_resid_pre", sae.W_dec[12], coef=4.0)
-    >>> #     logits = lm.output.logits.save()
+    >>> import saebridge as sb
+    >>> from nnsight import LanguageModel
+    >>> from saebridge.tiny import tiny_gpt2
+    >>> hf, tok = tiny_gpt2()
+    >>> lm = LanguageModel(hf, tokenizer=tok)
+    >>> sae = sb.SAE.random("topk", 64, 256, "blocks.1.hook_resid_pre", k=8)
+    >>> tokens = sb.wrap(lm).to_tokens("Hello world")
+    >>> with lm.trace(tokens):
+    ...     sb.steer(lm, "blocks.1.hook_resid_pre", sae.W_dec[12], coef=4.0)
+    ...     logits = lm.output.logits.save()
+    >>> steered = sb.wrap(lm).run_with_interventions(
+    ...     tokens, [sb.Steer("blocks.1.hook_resid_pre", sae.W_dec[12], 4.0)])
+    >>> torch.equal(logits, steered)
+    True
     """
-    from saebridge.adapters.nnsight_plan import steer as steer_in_trace
-
-    steer_in_trace(model, hook, vector, coef, positions)
+    entry("nnsight", "steer")(model, hook, vector, coef, positions)
 
 
 def prepare_splice(model: Any, sae: SAE, use_error_term: bool = False) -> Any:
     """:func:`splice` compiled to data beforehand, for a trace that runs remotely: the
     body then names only the result (the server has no saebridge and no SAE module).
 
-    >>> # splicer = sb.prepare_splice(lm, sae)
-    >>> # with lm.trace("Hello world", remote=True):
-    >>> #     latents = splicer(lm).save()
+    >>> import saebridge as sb
+    >>> from nnsight import LanguageModel
+    >>> from saebridge.tiny import tiny_gpt2
+    >>> hf, tok = tiny_gpt2()
+    >>> lm = LanguageModel(hf, tokenizer=tok)
+    >>> sae = sb.SAE.random("topk", 64, 256, "blocks.1.hook_resid_pre", k=8)
+    >>> splicer = sb.prepare_splice(lm, sae)
+    >>> with lm.trace("Hello world", remote="local"):  # remote=True sends it to NDIF
+    ...     latents = splicer(lm).save()
+    >>> latents.shape[-1]
+    256
     """
-    from saebridge.adapters.nnsight_plan import prepare_splice as prepare
-
-    return prepare(model, sae, use_error_term)
+    return entry("nnsight", "prepare_splice")(model, sae, use_error_term)
 
 
 def prepare_steer(model: Any, hook: str, vector: Tensor, coef: float = 1.0,
                   positions: Positions = None) -> Any:
     """:func:`steer` compiled to data beforehand (one copied vector), for a remote trace.
 
-    >>> # steerer = sb.prepare_steer(lm, "blocks.6.hook_resid_post", sae.W_dec[12], 8.0)
-    >>> # with lm.trace("Hello world", remote=True):
-    >>> #     steerer(lm)
+    >>> import saebridge as sb
+    >>> from nnsight import LanguageModel
+    >>> from saebridge.tiny import tiny_gpt2
+    >>> hf, tok = tiny_gpt2()
+    >>> lm = LanguageModel(hf, tokenizer=tok)
+    >>> sae = sb.SAE.random("topk", 64, 256, "blocks.1.hook_resid_pre", k=8)
+    >>> steerer = sb.prepare_steer(lm, "blocks.1.hook_resid_post", sae.W_dec[12], 8.0)
+    >>> with lm.trace("Hello world", remote="local"):  # remote=True sends it to NDIF
+    ...     steerer(lm)
+    ...     logits = lm.output.logits.save()
+    >>> logits.shape[-1] == hf.config.vocab_size
+    True
     """
-    from saebridge.adapters.nnsight_plan import prepare_steer as prepare
-
-    return prepare(model, hook, vector, coef, positions)
+    return entry("nnsight", "prepare_steer")(model, hook, vector, coef, positions)
 
 
 class _Aborted(BaseException):
@@ -106,14 +138,17 @@ def trace(model: Any, tokens: TokensLike, *, space: str = "canonical") -> Trace:
     ``space`` is ``"canonical"`` (TransformerLens-processed values, the same on every
     backend) or ``"native"`` (the model's own activations).
 
-    >>> # with sb.trace(model, "Hello world") as t:
-    >>> #     resid = t["blocks.1.hook_resid_pre"]
-    >>> #     t["blocks.1.hook_resid_pre"] = resid * 0.5
-    >>> #     pattern = t["blocks.1.attn.hook_pattern"]
-    >>> # logits = t.logits
+    >>> import saebridge as sb
+    >>> from saebridge.tiny import tiny_gpt2
+    >>> hf_model, tokenizer = tiny_gpt2()
+    >>> model = sb.wrap(hf_model, tokenizer=tokenizer)
+    >>> with sb.trace(model, "Hello world") as t:
+    ...     resid = t["blocks.1.hook_resid_pre"]
+    ...     t["blocks.1.hook_resid_pre"] = resid * 0.5
+    ...     pattern = t["blocks.1.attn.hook_pattern"]
+    >>> tuple(pattern.shape[:2]), torch.equal(t.logits, model("Hello world"))
+    ((1, 4), False)
     """
-    from saebridge import wrap
-
     if space not in SPACES:
         raise ValueError(f"trace space {space!r} is unknown; pass one of {SPACES}.")
     model = wrap(model)
@@ -129,7 +164,7 @@ class Trace:
 
     def __init__(self, model: Model, tokens: TokensLike, space: str) -> None:
         self.model, self.space = model, space
-        self._tokens = model._tokens(tokens)
+        self._tokens = model.tokens(tokens)
         self._cond = threading.Condition()
         self._request: tuple | None = None
         self._response: tuple | None = None
@@ -141,6 +176,7 @@ class Trace:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._stats: RawStats | None = None
+        self._hold: Any = None
 
     # ---- the block's side ---------------------------------------------------------------
 
@@ -150,12 +186,12 @@ class Trace:
         a = self.model.adapter
         self._stats = a.raw_stats()
         # SAEs attached to the wrapper are spliced in as in every run; reads see their output.
-        attached = self.model._plan(self._tokens, expand(list(self.model._attached)), None, [])
+        attached = self.model.plan(self._tokens).sites
         edits = {name: self._site(name, attached.get(name)) for name in a.hook_names()}
-        lock = self.model._lock
-        lock.acquire()
-        # Running the model from the block would wait on the paused forward: refuse it.
-        self.model._lock = _Guard(lock, threading.get_ident())  # type: ignore[assignment]
+        # Held until the block ends; running the model from the block would wait on the
+        # paused forward, so the lock refuses that (for every wrapper of this model).
+        self._hold = self.model.lock.paused()
+        self._hold.__enter__()
         self._thread = threading.Thread(target=self._forward, args=(edits,), daemon=True,
                                         name="saebridge-trace")
         self._thread.start()
@@ -172,9 +208,7 @@ class Trace:
             if not self._done:  # _finish raised: unwind the forward rather than wait on it
                 self._post(("abort",))
             self._thread.join()
-            guard = self.model._lock
-            self.model._lock = guard.lock  # type: ignore[attr-defined]
-            guard.lock.release()  # type: ignore[attr-defined]
+            self._hold.__exit__(None, None, None)
         if exc_type is None and self._error is not None:
             raise self._error
         return False
@@ -313,39 +347,18 @@ class Trace:
         self._cond.notify_all()
 
     def _read(self, name: str, x: Tensor) -> Tensor:
-        return self._to(name, x).forward(x).detach().clone()
+        return forward(self._to(name), x).detach().clone()
 
     def _write(self, name: str, x: Tensor, value: Tensor) -> Tensor:
-        conv = self._to(name, x)
         if tuple(value.shape) != tuple(x.shape):
             raise ShapeError(f"value of shape {tuple(value.shape)} written to hook {name!r}, "
                              f"whose activations are {tuple(x.shape)}. Write a tensor of that "
                              "shape.")
-        return conv.inverse(value.to(x.device, x.dtype))
+        shift = shift_for(self._to(name), x)  # the write goes back minus the read's shift
+        value = value.to(x.device, x.dtype)
+        return value if shift is None else value - shift
 
-    def _to(self, name: str, x: Tensor):
+    def _to(self, name: str) -> Conv:
         a = self.model.adapter
         dst = CANONICAL if self.space == "canonical" else a.space
-        return conversion(name, a.kind(name), a.space, dst, x, self._stats)
-
-
-class _Guard:
-    """The model's lock while a trace holds it: other threads wait for the trace to end;
-    the block's own thread may not run the model (it would wait for itself)."""
-
-    def __init__(self, lock: Any, owner: int) -> None:
-        self.lock, self.owner = lock, owner
-
-    def __enter__(self) -> Any:
-        if threading.get_ident() == self.owner:
-            raise TraceOrderError(
-                "the model is paused in this thread's `with sb.trace(...)` block, so running "
-                "it here would wait forever for the traced forward. Run it before or after "
-                "the block.")
-        return self.lock.__enter__()
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self.lock.__exit__(*exc)
-
-    def locked(self) -> bool:
-        return bool(self.lock.locked())
+        return conversion(name, a.kind(name), a.space, dst, self._stats)

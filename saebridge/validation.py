@@ -5,7 +5,15 @@ SAEs, runs clean / splice (error term off and on) / steer / ablate on each, and 
 every backend with the first: max |Δ log-prob|, mean KL, and latent agreement (same
 active set, max |Δ latent|), PASS/FAIL against the named tolerance of the dtype.
 
->>> # report = sb.validate({"hf": hf, "tl": tl}, tokens, saes=[sae]); report.ok
+>>> import copy, saebridge as sb
+>>> from saebridge.tiny import tiny_gpt2
+>>> hf_model, tokenizer = tiny_gpt2()
+>>> hf = sb.wrap(hf_model, tokenizer=tokenizer)
+>>> other = sb.wrap(copy.deepcopy(hf_model), tokenizer=tokenizer)  # e.g. a TL model instead
+>>> sae = sb.SAE.random("topk", 64, 256, "blocks.1.hook_resid_pre", k=8)
+>>> report = sb.validate({"hf": hf, "other": other}, "Hello world", saes=[sae])
+>>> report.ok, [row.run for row in report.rows]
+(True, ['clean', 'splice', 'splice+error', 'steer', 'ablate'])
 """
 
 from __future__ import annotations
@@ -142,7 +150,14 @@ def validate(models: Mapping[str, Model] | Sequence[Model], tokens: Tensor | str
             i.e. switches the activation-space conversion off (to see what it fixes).
         progress: called with a short label before each run.
 
-    >>> # sb.validate([hf, tl], "Hello world", saes=[sae]).ok
+    >>> import saebridge as sb
+    >>> from saebridge.tiny import tiny_gpt2
+    >>> hf_model, tokenizer = tiny_gpt2()
+    >>> hf = sb.wrap(hf_model, tokenizer=tokenizer)
+    >>> sae = sb.SAE.random("standard", 64, 128, "blocks.0.hook_mlp_out")
+    >>> report = validate([hf, hf], "Hello world", saes=[sae], runs=["clean", "splice"])
+    >>> [(row.run, row.backend, row.passed) for row in report.rows]
+    [('clean', 'hf#1', True), ('splice', 'hf#1', True)]
     """
     named = dict(models) if isinstance(models, Mapping) else {
         f"{m.backend}#{i}": m for i, m in enumerate(models)}

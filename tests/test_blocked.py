@@ -7,7 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from saebridge.sae import SAE, blocked, sparse
+from saebridge.kernel import blocked, sparse
+from saebridge.kernel import sae as kernel_sae
+from saebridge.sae import SAE
 from saebridge.sae.blockdiag import BlockDiagSAE, block_diagonal
 from saebridge.sae.transcoder import Transcoder
 from saebridge.testing import sparse_random_sae
@@ -24,8 +26,8 @@ def sparse_sae(arch: str, *, d_sae: int = 2048, seed: int = 0,
 def active(sae: SAE, x: torch.Tensor, block: int) -> sparse.SparseLatents | None:
     """The blocked encoder as ``SAE.forward_sparse`` calls it, with a forced block size."""
     cfg = sae.cfg
-    _, sae_in, _ = sae._prepare(x)
-    norms = sae._decoder_norms() if cfg.rescale_acts_by_decoder_norm else None
+    _, sae_in, _ = kernel_sae.prepare(sae.data(), x)
+    norms = kernel_sae.decoder_norms(sae.data()) if cfg.rescale_acts_by_decoder_norm else None
     return blocked.encode_sae(sae_in.reshape(-1, cfg.d_in), dict(sae.named_parameters()),
                               cfg.architecture, cfg.k, norms, block=block)
 
@@ -104,7 +106,7 @@ def test_too_dense_falls_back_to_the_dense_path() -> None:
 def test_autograd_and_block_layouts_take_the_dense_path(monkeypatch) -> None:
     calls = []
     real = blocked.encode_sae
-    monkeypatch.setattr("saebridge.sae.model.encode_sae",
+    monkeypatch.setattr("saebridge.kernel.sae.encode_sae",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
     sae = sparse_sae("topk", dtype=torch.float32)
     x = torch.randn(5, 16)
@@ -146,13 +148,13 @@ def test_empty_inputs_take_the_dense_path() -> None:
             assert active(sae, x, 64) is None
 
 
-@pytest.mark.parametrize("backend", ["hf", "tl-processed", "nnsight-hf"])
-def test_splices_build_dense_latents_only_for_a_cache(models, backend: str, monkeypatch):
-    model = models(backend)
-    space = "hf" if backend != "tl-processed" else "tl-processed"
+def test_splices_build_dense_latents_only_for_a_cache(models, backend, monkeypatch):
+    model = models(*backend)
+    space = model.space.name
     hook = "blocks.1.hook_resid_pre"
     saes = [sparse_random_sae(arch, 64, 4096, hook, l0=16, dtype=torch.float32,
-                              activation_space=space) for arch in ("topk", "jumprelu")]
+                              activation_space=space).to(backend.device)
+            for arch in ("topk", "jumprelu")]
     tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     runs: list[str] = []
     real = SAE.run

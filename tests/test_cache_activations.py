@@ -61,11 +61,10 @@ def same_shards(a: Path, b: Path) -> None:
             assert cache_mod._metadata(a / name) == cache_mod._metadata(b / name)
 
 
-@pytest.mark.parametrize("backend", ["hf", "tl-processed"])
 def test_shards_hold_what_run_with_cache_gives(models, tmp_path, backend):
-    model = models(backend)
-    space = "hf" if backend == "hf" else "tl-processed"
-    sae = sb.SAE.random("topk", 64, 512, SAE_HOOK, k=8, seed=1, activation_space=space)
+    model = models(*backend)
+    sae = sb.SAE.random("topk", 64, 512, SAE_HOOK, k=8, seed=1,
+                        activation_space=model.space.name).to(backend.device)
     data = batches(5)
     ds = cache_activations(model, data, hooks=HOOKS, saes=[sae], out_dir=tmp_path,
                            tokens_per_shard=3 * BATCH * POS)

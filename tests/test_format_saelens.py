@@ -16,6 +16,7 @@ from saebridge import formats
 from saebridge.errors import RegistryError, SAEConfigError, SAEFormatError, ShapeError
 from saebridge.formats import UnknownFormatError, saelens
 from saebridge.sae import SAE
+from tests.parity import assert_splice_agrees
 
 RESID = "blocks.2.hook_resid_pre"
 MODES = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
@@ -249,6 +250,33 @@ def test_load_options(tmp_path: Path) -> None:
         SAE.load(tmp_path, dtype="float8")
     with pytest.raises(SAEConfigError, match="'gpu'"):
         SAE.load(tmp_path, device="gpu")
+
+
+@pytest.mark.filterwarnings("ignore::saebridge.errors.ModelMismatchWarning")  # gpt2's SAE
+@pytest.mark.parametrize(("arch", "hook", "space"), [
+    ("jumprelu", "blocks.1.hook_resid_pre", {"center_writing_weights": False}),
+    ("topk", "blocks.0.hook_mlp_out", {}),  # SAELens's default: processed TransformerLens
+    ("standard", "blocks.1.attn.hook_z", {"fold_ln": False, "center_writing_weights": False,
+                                          "center_unembed": False})])
+def test_splice_agrees_across_backends(tmp_path: Path, models, backend, arch: str, hook: str,
+                                       space: dict) -> None:
+    """A folder as SAELens 6 writes it, trained in the space its
+    ``model_from_pretrained_kwargs`` name, spliced into every backend."""
+    meta = {**V6_META, "hook_name": hook, "model_from_pretrained_kwargs": space}
+    cfg = {"d_in": 64, "d_sae": 96, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "reshape_activations": "hook_z" if hook.endswith("hook_z") else "none",
+           "metadata": meta, "architecture": arch}
+    names = {"jumprelu": ("b_enc", "threshold"), "topk": ("b_enc",),
+             "standard": ("b_enc",)}[arch]
+    if arch == "topk":
+        cfg.update(k=8, rescale_acts_by_decoder_norm=False)
+    tensors = weights(64, 96, *names, seed=4)
+    tensors["W_enc"] = tensors["W_enc"] / 8  # pre-activations of order one
+    sae = SAE.load(write_folder(tmp_path, cfg, tensors), device=backend.device)
+    tokens = torch.randint(1, 384, (2, 7), generator=torch.Generator().manual_seed(0))
+    assert_splice_agrees(models(*backend), models("hf", backend.device), [sae], tokens,
+                         what=backend.name, latents=True)
 
 
 # ---- broken folders ------------------------------------------------------------------

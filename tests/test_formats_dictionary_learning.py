@@ -14,12 +14,10 @@ from saebridge import formats
 from saebridge.errors import ModelMismatchWarning, SAEConfigError, SAEFormatError
 from saebridge.sae import SAE
 from saebridge.testing import assert_round_trip
-from saebridge.tolerance import logprob_atol
+from tests.parity import assert_splice_agrees
 
 pytestmark = pytest.mark.filterwarnings(f"ignore::{ModelMismatchWarning.__module__}."
                                         f"{ModelMismatchWarning.__name__}")
-BACKENDS = ("hf", "tl-processed", "tl-unprocessed")
-TOL = logprob_atol(torch.float32)
 CLASSES = ("AutoEncoder", "GatedAutoEncoder", "JumpReluAutoEncoder", "AutoEncoderTopK",
            "BatchTopKSAE", "MatryoshkaBatchTopKSAE")
 
@@ -149,10 +147,10 @@ def test_unsupported_and_incomplete(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("dict_class", CLASSES)
-def test_splice_agrees_across_backends(tmp_path: Path, models, dict_class: str) -> None:
-    sae = SAE.load(write(tmp_path / "ae", dict_class, state_dict(dict_class, 64, 96, seed=9)))
+def test_splice_agrees_across_backends(tmp_path: Path, models, backend, dict_class: str
+                                       ) -> None:
+    sae = SAE.load(write(tmp_path / "ae", dict_class, state_dict(dict_class, 64, 96, seed=9)),
+                   device=backend.device)
     tokens = torch.randint(1, 384, (2, 7), generator=torch.Generator().manual_seed(0))
-    out = {b: models(b).run_with_saes(tokens, saes=[sae]).log_softmax(-1) for b in BACKENDS}
-    for backend, logprobs in out.items():
-        assert (logprobs - out["hf"]).abs().max() <= TOL, backend
-    assert (out["hf"] - models("hf")(tokens).log_softmax(-1)).abs().max() > 100 * TOL
+    assert_splice_agrees(models(*backend), models("hf", backend.device), [sae], tokens,
+                         what=backend.name)

@@ -13,12 +13,10 @@ from saebridge import formats
 from saebridge.errors import ModelMismatchWarning, SAEFormatError, UnknownHookError
 from saebridge.sae import SAE
 from saebridge.testing import assert_round_trip
-from saebridge.tolerance import logprob_atol
+from tests.parity import assert_splice_agrees
 
 pytestmark = pytest.mark.filterwarnings(f"ignore::{ModelMismatchWarning.__module__}."
                                         f"{ModelMismatchWarning.__name__}")
-BACKENDS = ("hf", "tl-processed", "tl-unprocessed")
-TOL = logprob_atol(torch.float32)
 
 
 def params(d_in: int, d_sae: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -117,13 +115,11 @@ def test_reads_no_weights_for_config(tmp_path: Path) -> None:
     ("gemma-scope-2b-pt-res", 1, "hook_resid_post"), ("gemma-scope-2b-pt-mlp", 0,
                                                        "hook_mlp_out"),
     ("gemma-scope-2b-pt-att", 1, "attn.hook_z")])
-def test_splice_agrees_across_backends(tmp_path: Path, models, release: str, layer: int,
-                                       hook: str) -> None:
+def test_splice_agrees_across_backends(tmp_path: Path, models, backend, release: str,
+                                       layer: int, hook: str) -> None:
     sae = SAE.load(write(tmp_path, release, f"layer_{layer}/width_16k/average_l0_9",
-                         params(64, 96, seed=layer + 3)))
+                         params(64, 96, seed=layer + 3)), device=backend.device)
     assert sae.cfg.hook_name == f"blocks.{layer}.{hook}"
     tokens = torch.randint(1, 384, (2, 7), generator=torch.Generator().manual_seed(0))
-    out = {b: models(b).run_with_saes(tokens, saes=[sae]).log_softmax(-1) for b in BACKENDS}
-    for backend, logprobs in out.items():
-        assert (logprobs - out["hf"]).abs().max() <= TOL, backend
-    assert (out["hf"] - models("hf")(tokens).log_softmax(-1)).abs().max() > 100 * TOL
+    assert_splice_agrees(models(*backend), models("hf", backend.device), [sae], tokens,
+                         what=backend.name)

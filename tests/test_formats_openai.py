@@ -13,12 +13,10 @@ from saebridge.errors import ModelMismatchWarning, SAEFormatError, UnknownHookEr
 from saebridge.formats import openai
 from saebridge.sae import SAE
 from saebridge.testing import assert_round_trip
-from saebridge.tolerance import logprob_atol
+from tests.parity import assert_splice_agrees
 
 pytestmark = pytest.mark.filterwarnings(f"ignore::{ModelMismatchWarning.__module__}."
                                         f"{ModelMismatchWarning.__name__}")
-BACKENDS = ("hf", "tl-processed", "tl-unprocessed")
-TOL = logprob_atol(torch.float32)
 
 
 def openai_state_dict(d_in: int, n_latents: int, *, topk: int | None = None, seed: int = 0
@@ -127,25 +125,15 @@ def test_only_weights_only_unpickling(tmp_path: Path) -> None:
     assert not openai.detect(path)
 
 
-def _backends_agree(models, sae: SAE, tokens: torch.Tensor) -> None:
-    out = {b: models(b).run_with_saes(tokens, saes=[sae]).log_softmax(-1) for b in BACKENDS}
-    for backend, logprobs in out.items():
-        assert (logprobs - out["hf"]).abs().max() <= TOL, backend
-    clean = models("hf")(tokens).log_softmax(-1)
-    assert (out["hf"] - clean).abs().max() > 100 * TOL  # the splice did something
-    acts = {b: models(b).run_with_cache_with_saes(tokens, saes=[sae], names=[])[1][
-        f"{sae.cfg.hook_name}.hook_sae_acts_post"] for b in BACKENDS}
-    for backend, a in acts.items():
-        assert torch.equal(a != 0, acts["hf"] != 0), backend
-        torch.testing.assert_close(a, acts["hf"], atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.parametrize(("location", "d_in", "topk"), [
     ("mlp_post_act", 256, None), ("resid_delta_mlp_v4", 64, None),
     ("resid_post_mlp_v5_32k", 64, 8), ("resid_delta_attn_v5_32k", 64, 8)])
-def test_splice_agrees_across_backends(tmp_path: Path, models, location: str, d_in: int,
-                                       topk: int | None) -> None:
-    """Raw-space SAEs: TransformerLens-processed (centred resid/attn_out/mlp_out) must agree."""
-    sae = SAE.load(write(tmp_path, location, 1, openai_state_dict(d_in, 96, topk=topk, seed=3)))
+def test_splice_agrees_across_backends(tmp_path: Path, models, backend, location: str,
+                                       d_in: int, topk: int | None) -> None:
+    """Raw-space SAEs: processed backends (centred resid/attn_out/mlp_out) must agree too,
+    in log-probs and latents."""
+    sae = SAE.load(write(tmp_path, location, 1, openai_state_dict(d_in, 96, topk=topk, seed=3)),
+                   device=backend.device)
     tokens = torch.randint(1, 384, (2, 7), generator=torch.Generator().manual_seed(0))
-    _backends_agree(models, sae, tokens)
+    assert_splice_agrees(models(*backend), models("hf", backend.device), [sae], tokens,
+                         what=backend.name, latents=True)

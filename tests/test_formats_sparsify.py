@@ -15,12 +15,10 @@ from saebridge.errors import ModelMismatchWarning, SAEConfigError, UnknownHookEr
 from saebridge.sae import SAE
 from saebridge.sae.transcoder import Transcoder
 from saebridge.testing import assert_round_trip
-from saebridge.tolerance import logprob_atol
+from tests.parity import assert_same_logprobs, assert_splice_agrees
 
 pytestmark = pytest.mark.filterwarnings(f"ignore::{ModelMismatchWarning.__module__}."
                                         f"{ModelMismatchWarning.__name__}")
-BACKENDS = ("hf", "tl-processed", "tl-unprocessed")
-TOL = logprob_atol(torch.float32)
 
 
 def write_sparsify(root: Path, hookpoint: str, d_in: int, *, k: int = 8, num_latents: int = 96,
@@ -107,30 +105,25 @@ def test_expansion_factor_and_hookpoint_errors(tmp_path: Path) -> None:
         SAE.load(grouped)
 
 
-def _agree(models, sae: SAE, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = {b: models(b).run_with_saes(tokens, saes=[sae]).log_softmax(-1) for b in BACKENDS}
-    for backend, logprobs in out.items():
-        assert (logprobs - out["hf"]).abs().max() <= TOL, backend
-    clean = models("hf")(tokens).log_softmax(-1)
-    assert (out["hf"] - clean).abs().max() > 100 * TOL
-    return out
-
-
 TOKENS = torch.randint(1, 384, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("hookpoint", ["h.0", "h.1.mlp", "h.1.attn"])
-def test_sae_splice_agrees(tmp_path: Path, models, hookpoint: str) -> None:
-    _agree(models, SAE.load(write_sparsify(tmp_path, hookpoint, 64, seed=4)), TOKENS)
+def test_sae_splice_agrees(tmp_path: Path, models, backend, hookpoint: str) -> None:
+    sae = SAE.load(write_sparsify(tmp_path, hookpoint, 64, seed=4), device=backend.device)
+    assert_splice_agrees(models(*backend), models("hf", backend.device), [sae], TOKENS,
+                         what=backend.name, latents=True)
 
 
 @pytest.mark.parametrize(("hookpoint", "d_in", "skip"), [
     ("h.1.mlp", 64, True), ("h.0.attn", 64, False), ("h.1", 64, False),
     ("h.0.mlp.act", 256, True)])
-def test_transcoder_splice_agrees(tmp_path: Path, models, hookpoint: str, d_in: int,
+def test_transcoder_splice_agrees(tmp_path: Path, models, backend, hookpoint: str, d_in: int,
                                   skip: bool) -> None:
-    tc = SAE.load(write_sparsify(tmp_path, hookpoint, d_in, transcode=True, skip=skip, seed=5))
-    _agree(models, tc, TOKENS)
+    tc = SAE.load(write_sparsify(tmp_path, hookpoint, d_in, transcode=True, skip=skip, seed=5),
+                  device=backend.device)
+    assert_splice_agrees(models(*backend), models("hf", backend.device), [tc], TOKENS,
+                         what=backend.name)
 
 
 def test_transcoder_splice_is_what_sparsify_means(tmp_path: Path, models) -> None:
@@ -149,26 +142,25 @@ def test_transcoder_splice_is_what_sparsify_means(tmp_path: Path, models) -> Non
             theirs = raw(input_ids=TOKENS).logits
     finally:
         handle.remove()
-    assert (ours.log_softmax(-1) - theirs.log_softmax(-1)).abs().max() <= TOL
+    assert_same_logprobs(ours, theirs, "a plain torch hook")
 
 
-def test_transcoder_error_term_and_cache(models, tmp_path: Path) -> None:
-    tc = SAE.load(write_sparsify(tmp_path, "h.1.mlp", 64, transcode=True, seed=7))
-    for backend in BACKENDS:
-        m = models(backend)
-        clean = m(TOKENS).log_softmax(-1)
-        kept = m.run_with_saes(TOKENS, saes=[tc], use_error_term=True).log_softmax(-1)
-        assert (kept - clean).abs().max() <= TOL, backend
-        _, cache = m.run_with_cache_with_saes(TOKENS, saes=[tc], names=[])
-        acts = cache["blocks.1.ln2.hook_normalized.hook_sae_acts_post"]
-        assert acts.shape == (2, 7, 96) and int((acts[0, 0] != 0).sum()) <= 8
-        assert cache["blocks.1.ln2.hook_normalized.hook_sae_recons"].shape == (2, 7, 64)
+def test_transcoder_error_term_and_cache(models, backend, tmp_path: Path) -> None:
+    tc = SAE.load(write_sparsify(tmp_path, "h.1.mlp", 64, transcode=True, seed=7),
+                  device=backend.device)
+    m = models(*backend)
+    assert_same_logprobs(m.run_with_saes(TOKENS, saes=[tc], use_error_term=True), m(TOKENS),
+                         f"{backend.name} with the error term")
+    _, cache = m.run_with_cache_with_saes(TOKENS, saes=[tc], names=[])
+    acts = cache["blocks.1.ln2.hook_normalized.hook_sae_acts_post"]
+    assert acts.shape == (2, 7, 96) and int((acts[0, 0] != 0).sum()) <= 8
+    assert cache["blocks.1.ln2.hook_normalized.hook_sae_recons"].shape == (2, 7, 64)
 
 
 @pytest.mark.parametrize(("family", "transcoder", "skip"), [
     ("llama", "layers.0.mlp", True), ("neox", "layers.1.mlp", False)])
-def test_layers_hookpoints_on_llama_and_neox(tmp_path: Path, arch_models, family_backends,
-                                             family: str, transcoder: str, skip: bool) -> None:
+def test_layers_hookpoints_on_llama_and_neox(tmp_path: Path, arch_models, backend, family: str,
+                                             transcoder: str, skip: bool) -> None:
     """``layers.{L}`` hookpoints: which architecture reads them how is decided by the run's
     config.json model name; a transcoder through an RMSNorm (Llama) or LayerNorm (NeoX)
     gain splices the same on every backend."""
@@ -176,17 +168,14 @@ def test_layers_hookpoints_on_llama_and_neox(tmp_path: Path, arch_models, family
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"model": model, "batch_size": 8}))
-    tc = SAE.load(write_sparsify(run, transcoder, 64, transcode=True, skip=skip, seed=8))
-    sae = SAE.load(write_sparsify(run, "layers.1", 64, seed=9))
+    tc = SAE.load(write_sparsify(run, transcoder, 64, transcode=True, skip=skip, seed=8),
+                  device=backend.device)
+    sae = SAE.load(write_sparsify(run, "layers.1", 64, seed=9), device=backend.device)
     assert isinstance(tc, Transcoder) and tc.cfg.model_name == model
     assert sae.cfg.hook_name == "blocks.1.hook_resid_post"
     tokens = torch.randint(1, 384, (2, 6), generator=torch.Generator().manual_seed(1))
+    model, hf = arch_models(family, *backend), arch_models(family, "hf", backend.device)
     for spliced in (tc, sae):
-        out = {b: arch_models(family, b).run_with_saes(tokens, saes=[spliced]).log_softmax(-1)
-               for b in family_backends}
-        for backend, logprobs in out.items():
-            assert (logprobs - out["hf"]).abs().max() <= TOL, backend
-        clean = arch_models(family, "hf")(tokens).log_softmax(-1)
-        assert (out["hf"] - clean).abs().max() > 100 * TOL
+        assert_splice_agrees(model, hf, [spliced], tokens, what=backend.name)
     with pytest.raises(UnknownHookError, match="hook_name="):  # no run config: ambiguous
         SAE.load(write_sparsify(tmp_path / "bare", "layers.0.mlp", 64, transcode=True))

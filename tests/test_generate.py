@@ -8,8 +8,8 @@ import torch
 import saebridge as sb
 from saebridge.errors import TokensError
 from saebridge.generate import greedy
+from saebridge.testing import hooks_left
 
-BACKENDS = ["hf", "tl-processed", "tl-unprocessed", "nnsight-hf", "nnsight-tl"]
 N_NEW = 5
 
 
@@ -39,25 +39,22 @@ def margin_ok(model: sb.Model, out: torch.Tensor, ops: list, saes: list) -> bool
     return bool((top2[..., 0] - top2[..., 1]).min() > 1e-3)
 
 
-def test_greedy_tokens_agree_on_every_backend(models, tokens):
+def test_greedy_tokens_agree_on_every_backend(models, backend, tokens):
+    model, hf = models(*backend), models("hf", backend.device)
     ops, saes = interventions()
-    clean = {b: models(b).generate(tokens, N_NEW) for b in BACKENDS}
-    steered = {b: models(b).generate(tokens, N_NEW, interventions=ops, saes=saes)
-               for b in BACKENDS}
-    ref = models("hf")
-    assert margin_ok(ref, clean["hf"], [], []) and margin_ok(ref, steered["hf"], ops, saes)
-    for backend in BACKENDS:
-        assert clean[backend].shape == (2, tokens.shape[1] + N_NEW)
-        assert torch.equal(clean[backend], clean["hf"]), backend
-        assert torch.equal(steered[backend], steered["hf"]), backend
-    assert not torch.equal(steered["hf"], clean["hf"])
+    clean = {m: m.generate(tokens, N_NEW) for m in (model, hf)}
+    steered = {m: m.generate(tokens, N_NEW, interventions=ops, saes=saes) for m in (model, hf)}
+    assert margin_ok(hf, clean[hf], [], []) and margin_ok(hf, steered[hf], ops, saes)
+    assert clean[model].shape == (2, tokens.shape[1] + N_NEW)
+    assert torch.equal(clean[model], clean[hf])
+    assert torch.equal(steered[model], steered[hf])
+    assert not torch.equal(steered[hf], clean[hf])
 
 
-@pytest.mark.parametrize("backend", ["hf", "nnsight-hf", "nnsight-tl"])
-def test_native_generation_equals_a_loop_of_runs(models, tokens, backend):
-    """HF generate with hooks and nnsight's tracer.iter apply the interventions in every
-    step exactly as a single run over the sequence so far does."""
-    model = models(backend)
+def test_generation_equals_a_loop_of_runs(models, backend, tokens):
+    """Every backend's generate (HF generate with hooks, nnsight's tracer.iter, …) applies
+    the interventions in every step exactly as a single run over the sequence so far does."""
+    model = models(*backend)
     ops, saes = interventions()
     want = greedy(lambda t: model._run(t, [*ops, *(sb.Splice(s) for s in saes)])[0],
                   tokens, N_NEW)
@@ -75,15 +72,14 @@ def test_attached_saes_and_text_use_the_front(models):
         model.generate("Hello", -1)
 
 
-@pytest.mark.parametrize("backend", ["hf", "tl-processed", "nnsight-hf", "nnsight-tl"])
 def test_an_error_while_generating_leaves_no_state(models, tokens, backend):
-    model = models(backend)
+    model = models(*backend)
     before = model.generate(tokens, 2)
+    hooks = hooks_left(model)  # after a first forward: a bridge's own capture hooks stay
     wrong = sb.SAE.random("standard", 32, 16, "blocks.1.hook_resid_pre")  # d_in 32 ≠ 64
     with pytest.raises(ValueError, match="d_in=32"):
         model.generate(tokens, 2, saes=[wrong])
-    raw = getattr(model.adapter, "model", None) or model.adapter.envoy._module
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in raw.modules())
+    assert hooks_left(model) == hooks
     assert torch.equal(model.generate(tokens, 2), before)
 
 

@@ -1,7 +1,7 @@
-"""Hook maps for GPT-NeoX, Llama (Mistral, Qwen2) and Gemma-2: every site resolves on a
-model built from a config alone, the architecture facts the maps encode hold in the
-installed transformers, and the sites TransformerLens processing changes are the ones
-each map's kinds say."""
+"""Hook maps of every registered architecture (GPT-2, GPT-NeoX, Llama with Mistral and
+Qwen2, Gemma-2): every site resolves on a model built from its architecture file alone, the
+architecture facts the maps encode hold in the installed transformers, and the sites
+TransformerLens processing changes are the ones each map's kinds say."""
 
 from __future__ import annotations
 
@@ -11,38 +11,26 @@ import torch
 import saebridge as sb
 from saebridge.errors import UnknownHookError, UnsupportedArchitectureError
 from saebridge.hookmap import hook_map, names
+from saebridge.hookmap.registry import architecture_of, architectures
+from saebridge.hookmap.tl_config import tl_fields
 from saebridge.testing import Record
-from saebridge.tiny import tiny_gemma2, tiny_llama, tiny_neox, tiny_tokenizer
+from saebridge.tiny import tiny_gemma2, tiny_llama, tiny_neox, tiny_of, tiny_tokenizer
 
 tla = pytest.importorskip("saebridge.adapters.transformer_lens")
 needs_hooked = pytest.mark.skipif(tla.HookedTransformer is None,
                                   reason="TransformerLens 4.x has no HookedTransformer")
 
-SMALL = {"vocab_size": 384, "hidden_size": 32, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48,
-         "max_position_embeddings": 32}
+TOK = tiny_tokenizer()
 
 
 def from_config(arch: str):
-    """A random model of ``arch`` from a config alone (no checkpoint, no hub)."""
-    import transformers
-
-    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config").replace(
-        "LMHeadModel", "Config"))
-    kwargs = dict(SMALL)
-    if arch.startswith("GPTNeoX"):
-        kwargs.pop("num_key_value_heads")
-    if arch.startswith("GPT2"):
-        kwargs = {"vocab_size": 384, "n_embd": 32, "n_layer": 2, "n_head": 4,
-                  "n_positions": 32}
-    config = config_cls(**kwargs, architectures=[arch])
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return getattr(transformers, arch)(config).eval()
+    """A random model of the HF architecture ``arch`` from a config alone (no checkpoint,
+    no hub): the tiny spec of the architecture file whose hook map lists it."""
+    return tiny_of(arch, tokenizer=TOK)[0]
 
 
-CONFIG_ARCHS = ["GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
-                "Qwen2ForCausalLM", "Gemma2ForCausalLM"]
+CONFIG_ARCHS = [name for arch in architectures() for name in arch.tl_architectures]
+"""Every HF architecture name a registered file converts to TransformerLens."""
 
 
 @pytest.mark.parametrize("arch", CONFIG_ARCHS)
@@ -60,11 +48,12 @@ def test_every_site_resolves_on_a_config_built_model(arch):
     logits, cache = wrapped.run_with_cache(tokens)
     torch.testing.assert_close(logits, model(tokens).logits)
     assert set(cache) == set(wrapped.hook_names())
-    d_head = getattr(model.config, "head_dim", None) or 32 // 4  # Gemma-2's is 256 > 32 / 4
-    assert cache["blocks.1.attn.hook_z"].shape == (2, 7, 4, d_head)
-    n_kv = 4 if arch.startswith("GPT") else 2
+    cfg = tl_fields(architecture_of(arch).tl_config, model.config)
+    n_heads, d_head = cfg["n_heads"], cfg["d_head"]
+    n_kv = cfg.get("n_key_value_heads") or n_heads  # grouped-query attention: fewer k/v heads
+    assert cache["blocks.1.attn.hook_z"].shape == (2, 7, n_heads, d_head)
     assert cache["blocks.1.attn.hook_v"].shape == (2, 7, n_kv, d_head)
-    assert cache["blocks.1.attn.hook_pattern"].shape == (2, 4, 7, 7)
+    assert cache["blocks.1.attn.hook_pattern"].shape == (2, n_heads, 7, 7)
 
 
 @needs_hooked
@@ -195,6 +184,9 @@ CHANGED_BY_PROCESSING = {
 
 
 def test_the_sites_processing_changes_are_the_documented_ones(arch_models, family):
+    if family not in CHANGED_BY_PROCESSING:
+        pytest.fail(f"say which sites TransformerLens processing changes in {family!r}: add "
+                    "them to CHANGED_BY_PROCESSING in this file")
     hf, compat = arch_models(family, "hf"), arch_models(family, "bridge-compat")
     tokens = hf.to_tokens("Sparse autoencoders find features")
     native: dict[str, dict[str, torch.Tensor]] = {}

@@ -10,17 +10,18 @@ import saebridge as sb
 from saebridge.errors import SpaceConversionError, TokensError, UnknownHookError
 from saebridge.testing import RaiseAt
 from saebridge.tolerance import logprob_atol
+from tests.parity import logprob_gap
 
 nnsight = pytest.importorskip("nnsight")
 
 from saebridge.adapters.nnsight import UnifiedTransformer  # noqa: E402
 
-NNSIGHT = ["nnsight-hf", "nnsight-tl"]
-TOL = logprob_atol(torch.float32)
+# Tests here reach into nnsight's own objects (envoys, traces, the interleaver): they run
+# over the "nnsight" subset of the backend matrix (@pytest.mark.backends("nnsight")).
 
 
 def same_logprobs(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool((a.log_softmax(-1) - b.log_softmax(-1)).abs().max() <= TOL)
+    return logprob_gap(a, b) <= logprob_atol(b.dtype)
 
 
 @pytest.fixture
@@ -54,9 +55,9 @@ def test_wrap_recognises_every_nnsight_model(tiny_dir, tokenizer, models):
         assert same_logprobs(model(tokens), ref(tokens)), label
 
 
-@pytest.mark.parametrize("backend", NNSIGHT)
+@pytest.mark.backends("nnsight")
 def test_every_front_method_matches_hf(models, backend, sae, tokens):
-    model, ref = models(backend), models("hf")
+    model, ref = models(*backend), models("hf", backend.device)
     hook = sae.cfg.hook_name
     assert same_logprobs(model.run_with_saes(tokens, [sae]), ref.run_with_saes(tokens, [sae]))
     names = ["blocks.0.attn.hook_z", "blocks.1.ln1.hook_normalized", hook]
@@ -94,11 +95,11 @@ def test_a_site_reached_several_times_is_edited_every_time(models, tokens):
     assert same_logprobs(got, models("hf").run_with_interventions(tokens, [steer]))
 
 
-@pytest.mark.parametrize("backend", NNSIGHT)
+@pytest.mark.backends("nnsight")
 @pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z",
                                   "blocks.1.hook_resid_mid", "ln_final.hook_normalized"])
 def test_an_error_mid_trace_leaves_no_state(models, sae, tokens, backend, hook):
-    model = models(backend)
+    model = models(*backend)
     envoy = model.adapter.envoy
     before = model(tokens)
     params = {k: v.clone() for k, v in envoy._module.state_dict().items()}
@@ -113,9 +114,9 @@ def test_an_error_mid_trace_leaves_no_state(models, sae, tokens, backend, hook):
         assert torch.equal(v, params[k]), k
 
 
-@pytest.mark.parametrize("backend", NNSIGHT)
+@pytest.mark.backends("nnsight")
 def test_unknown_hooks_fail_before_the_trace(models, backend):
-    model = models(backend)
+    model = models(*backend)
     bad = sb.SAE.random("standard", 64, 16, "blocks.0.hook_resid_pree")
     with pytest.raises(UnknownHookError, match=r"blocks\.0\.hook_resid_pre"):
         model.run_with_saes("Hello", saes=[bad])
@@ -125,9 +126,9 @@ def test_unknown_hooks_fail_before_the_trace(models, backend):
 # ---- sb.splice / sb.steer inside the user's own trace -------------------------------------
 
 
-@pytest.mark.parametrize("backend", NNSIGHT)
+@pytest.mark.backends("nnsight")
 def test_splice_and_steer_inside_a_user_trace(models, sae, tokens, backend):
-    model, ref = models(backend), models("hf")
+    model, ref = models(*backend), models("hf", backend.device)
     envoy = model.adapter.envoy
     z_sae = sb.SAE.random("standard", 64, 32, "blocks.0.attn.hook_z", seed=4,
                           activation_space="tl-processed")

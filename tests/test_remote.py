@@ -29,8 +29,7 @@ zstd = pytest.importorskip("zstandard")
 from nnsight.schema.request import RequestModel  # noqa: E402
 from nnsight.tracing.backend import Backend  # noqa: E402
 
-from saebridge.adapters.nnsight_plan import sae_data  # noqa: E402
-from saebridge.adapters.nnsight_remote import sae_run  # noqa: E402
+from saebridge.kernel import sae as kernel_sae  # noqa: E402
 
 ALLOWED = {"torch", "numpy", "einops", "math", "typing", "collections", "_collections",
            "builtins"}
@@ -104,7 +103,7 @@ def test_remote_local_runs_equal_local_runs(models, lm, tokens):
     import cloudpickle
 
     registered = cloudpickle.list_registry_pickle_by_value()
-    assert {"saebridge.adapters.nnsight_remote", "saebridge.sae.activations"} <= registered
+    assert {"saebridge.adapters.nnsight_remote", "saebridge.kernel.activations"} <= registered
 
 
 SERVER = r'''
@@ -251,7 +250,8 @@ def test_steering_ships_one_vector_and_splicing_ships_the_sae_once(models, lm, t
         sizes[label] = len(capture.blobs[0])
     param_bytes = sum(p.numel() * p.element_size() for p in large.parameters())
     assert abs(sizes["steer large"] - sizes["steer small"]) < 64  # not W_dec: one vector
-    assert param_bytes < sizes["splice"] - sizes["steer large"] < 1.01 * param_bytes
+    # The SAE's parameters once, plus the kernel's SAE code (by value, ~70 KB).
+    assert param_bytes < sizes["splice"] - sizes["steer large"] < param_bytes + 150_000
     # Ablate at another site than the splice would be a second site; the same SAE ships once.
     assert sizes["splice + ablate"] - sizes["splice"] < 0.01 * param_bytes
 
@@ -275,8 +275,9 @@ def test_what_cannot_run_remotely_is_refused_before_sending(models, lm, tokens, 
     with pytest.raises(TypeError, match="Remote runs take Splice"):
         remote.run_with_interventions(tokens, [Custom()])  # type: ignore[list-item]
 
-    class MySAE(sb.SAE):
-        pass
+    class MySAE(sb.SAE):  # its own math: the kernel cannot compute it on a server
+        def encode(self, x):
+            return super().encode(x).relu()
 
     mine = MySAE(sb.SAE.random("standard", 64, 16, "blocks.1.hook_resid_pre").cfg)
     with pytest.raises(SAEConfigError, match="MySAE"):
@@ -302,6 +303,59 @@ def test_the_kernel_computes_what_the_sae_computes(arch, norm, rescale, seed, he
                         normalize_activations=norm, rescale_acts_by_decoder_norm=rescale and topk)
     x = torch.randn(2, 3, 4, 16) if head else torch.randn(2, 3, 64)
     want = sae.run(x)
-    got = sae_run(sae_data(sae), x)
+    got = kernel_sae.run(sae.data(), x)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def transcoders_and_blocks():
+    """Every SAE kind beyond the plain one: transcoders (one reading a LayerNorm's output
+    with its affine, one with a skip term) and block-diagonal per-head SAEs (all heads, and
+    splicing one head only)."""
+    from saebridge.sae.blockdiag import BlockDiagSAE, block_diagonal
+    from saebridge.sae.transcoder import Transcoder
+
+    ln_tc = Transcoder.random("topk", 64, 96, 64, "blocks.0.ln2.hook_normalized",
+                              "blocks.0.hook_mlp_out", k=6, seed=5, input_affine="ln2")
+    skip_tc = Transcoder.random("jumprelu", 256, 96, 256, "blocks.1.mlp.hook_pre",
+                                "blocks.1.mlp.hook_post", seed=6, skip=True)
+    dense = sb.SAE.random("topk", 64, 32, "blocks.1.attn.hook_z", k=4, seed=7)
+    blocks = BlockDiagSAE.from_dense(block_diagonal(dense, 4), 4)
+    return ln_tc, skip_tc, blocks, blocks.splice_heads([1])
+
+
+def test_transcoders_and_block_diagonal_saes_run_where_saebridge_is_not_installed(
+        models, lm, tokens, tiny_dir, tmp_path):
+    kinds = transcoders_and_blocks()
+    capture = Capture()
+    remote = sb.wrap(lm, remote=capture)
+    got = [remote.run_with_saes(tokens, [sae]) for sae in kinds]
+    got.append(remote.run_with_cache_with_saes(tokens, list(kinds[:3]), names=[])[1])
+    local = models("nnsight-hf")
+    want = [local.run_with_saes(tokens, [sae]) for sae in kinds]
+    want.append(local.run_with_cache_with_saes(tokens, list(kinds[:3]), names=[])[1])
+    hf = models("hf")
+    for g, w, sae in zip(got[:4], want, kinds, strict=False):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g, hf.run_with_saes(tokens, [sae]), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(g, hf(tokens), atol=1e-3)  # each splice changed the output
+    assert set(got[4]) == set(want[4]) and "blocks.0.ln2.hook_normalized.hook_sae_acts_post" \
+        in got[4]
+    for key in want[4]:
+        torch.testing.assert_close(got[4][key], want[4][key], atol=1e-5, rtol=1e-5)
+    served = serve(capture.blobs, tiny_dir, tmp_path)
+    for result, expected in zip(served["results"], got[:4], strict=False):
+        torch.testing.assert_close(result["logits"].detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_transcoders_and_block_diagonal_saes_inside_a_users_own_trace(models, lm, tokens):
+    local = models("nnsight-hf")
+    for sae in transcoders_and_blocks():
+        spliced = sb.prepare_splice(lm, sae)
+        with lm.trace(tokens, remote="local"):
+            latents = spliced(lm).save()
+            logits = lm.output.logits.save()
+        want_logits, cache = local.run_with_cache_with_saes(tokens, [sae], names=[])
+        torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(latents, cache[f"{sae.cfg.hook_name}.hook_sae_acts_post"],
+                                   atol=1e-5, rtol=1e-5)

@@ -16,10 +16,8 @@ import saebridge as sb
 from saebridge import formats
 from saebridge.errors import SAEConfigError, UnknownHookError
 from saebridge.sae.transcoder import Transcoder, TranscoderConfig
-from saebridge.tolerance import logprob_atol
+from tests.parity import assert_same_logprobs, assert_splice_agrees
 
-BACKENDS = ("hf", "tl-processed", "tl-unprocessed")
-TOL = logprob_atol(torch.float32)
 TOKENS = torch.randint(1, 384, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
@@ -107,18 +105,17 @@ def test_reads_a_saelens_skip_transcoder_folder(tmp_path: Path) -> None:
     ("blocks.0.ln1.hook_normalized", "blocks.0.hook_attn_out", "ln1", "hf"),
     ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", None, "tl-processed"),
     ("blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", None, "hf")])
-def test_splice_agrees_across_backends(models, hook_in: str, hook_out: str,
+def test_splice_agrees_across_backends(models, backend, hook_in: str, hook_out: str,
                                        affine: str | None, space: str) -> None:
     tc = Transcoder.random("topk", 64, 128, 64, hook_in, hook_out, k=8, skip=True,
-                           input_affine=affine, activation_space=space, seed=3)
-    out = {b: models(b).run_with_saes(TOKENS, saes=[tc]).log_softmax(-1) for b in BACKENDS}
-    for backend, logprobs in out.items():
-        assert (logprobs - out["hf"]).abs().max() <= TOL, backend
-    clean = models("hf")(TOKENS).log_softmax(-1)
-    assert (out["hf"] - clean).abs().max() > 100 * TOL
-    for backend in BACKENDS:  # the error term gives the clean model back
-        kept = models(backend).run_with_saes(TOKENS, saes=[tc], use_error_term=True)
-        assert (kept.log_softmax(-1) - clean).abs().max() <= TOL, backend
+                           input_affine=affine, activation_space=space, seed=3
+                           ).to(backend.device)
+    model = models(*backend)
+    assert_splice_agrees(model, models("hf", backend.device), [tc], TOKENS, what=backend.name,
+                         latents=True)
+    # the error term gives the clean model back
+    assert_same_logprobs(model.run_with_saes(TOKENS, saes=[tc], use_error_term=True),
+                         model(TOKENS), f"{backend.name} with the error term")
 
 
 def test_attached_and_steered(models) -> None:

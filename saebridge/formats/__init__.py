@@ -29,6 +29,7 @@ from saebridge.errors import (
     UnsupportedArchitectureError,
     unknown,
 )
+from saebridge.sae import files as sae_files
 
 if TYPE_CHECKING:
     from saebridge.sae import SAE, SAEConfig
@@ -201,6 +202,7 @@ def _register_builtin() -> None:
 
 
 _register_builtin()
+sae_files.register(load, save)  # SAE.load / SAE.save call these (the sae package sits below)
 
 __all__ = ["Format", "UnknownFormatError", "detect_format", "get", "load", "names",
            "read_config", "register_format", "save"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from saebridge.formats import detect_format, hub, read_config
 from saebridge.hookmap.space import ActivationSpace
 from saebridge.sae.config import SAEConfig
 
@@ -45,12 +46,9 @@ def inspect(path: str | os.PathLike[str], *, format: str | None = None,
     >>> info.format, info.architecture, info.hook_name, info.d_sae
     ('saelens', 'topk', 'blocks.0.hook_mlp_out', 8)
     """
-    from saebridge import formats
-    from saebridge.formats import hub
-
     local = hub.resolve(path, subfolder)
-    name = format or formats.detect_format(local)
-    cfg = formats.read_config(local, format=name, hook_name=hook_name)
+    name = format or detect_format(local)
+    cfg = read_config(local, format=name, hook_name=hook_name)
     return SAEInfo(format=name, architecture=cfg.architecture, hook_name=cfg.hook_name,
                    hook_name_out=getattr(cfg, "hook_name_out", None), d_in=cfg.d_in,
                    d_sae=cfg.d_sae, space=cfg.activation_space, dtype=cfg.dtype, config=cfg)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+import saebridge.formats.saelens as saelens  # the leaf, not the formats registry
 from saebridge.errors import SAEBridgeError, SAEConfigError, SAEFormatError
-from saebridge.formats import saelens
 from saebridge.sae.blockdiag import BlockDiagConfig, BlockDiagSAE, find_n_heads
 from saebridge.sae.config import SAEConfig
 from saebridge.sae.model import SAE

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+import saebridge.formats.saelens as saelens  # the leaf, not the formats registry
 from saebridge.errors import SAEConfigError, SAEFormatError
-from saebridge.formats import saelens
 from saebridge.formats._common import device_dtype, read_json, require
 from saebridge.sae.model import SAE
 from saebridge.sae.transcoder import Transcoder, TranscoderConfig

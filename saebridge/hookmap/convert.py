@@ -1,9 +1,9 @@
 """Converting activations between activation spaces, site by site.
 
-Every conversion here is a shift ``x_dst = x_src + shift`` (:class:`Affine`; the
-scale is kept for architectures whose spaces differ by more). Splicing converts native →
-SAE space with it and writes back ``affine.inverse(output)``: the reconstruction plus
-exactly what the SAE's space removed.
+Every conversion here is a shift ``x_dst = x_src + shift``, returned as the kernel's
+:class:`~saebridge.kernel.spaces.Conv`. Splicing converts native → SAE space with it and
+writes back the output minus the same shift: the reconstruction plus exactly what the
+SAE's space removed.
 
 Most conversions need only the activation and a few constants of the *unprocessed*
 weights (:class:`RawStats`). One does not: going from a centred residual stream back to
@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from saebridge.errors import SpaceConversionError
-from saebridge.hookmap import split
+from saebridge.hookmap.lookup import split
 from saebridge.hookmap.site import Kind
 from saebridge.hookmap.space import ActivationSpace
+from saebridge.kernel.spaces import CENTER, IDENTITY, Conv
 
 Tensor = torch.Tensor
 
@@ -133,24 +134,6 @@ def _stack_ln(w: Mapping[str, Tensor], n_layers: int, ln: str, wb: str) -> Tenso
                         for i, g in enumerate(gains)])
 
 
-@dataclass(frozen=True)
-class Affine:
-    """``x_dst = x_src * scale + shift``, broadcast over the activation."""
-
-    shift: Tensor | float = 0.0
-    scale: Tensor | float = 1.0
-
-    @property
-    def is_translation(self) -> bool:
-        return isinstance(self.scale, float) and self.scale == 1.0
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.shift if self.is_translation else x * self.scale + self.shift
-
-    def inverse(self, y: Tensor) -> Tensor:
-        return y - self.shift if self.is_translation else (y - self.shift) / self.scale
-
-
 class RawMeanTracker:
     """Rebuilds the unprocessed residual stream's mean inside a centred (processed) model.
 
@@ -210,38 +193,37 @@ def conversion(
     kind: Kind,
     src: ActivationSpace,
     dst: ActivationSpace,
-    x: Tensor,
     stats: RawStats | None,
     tracker: RawMeanTracker | None = None,
-) -> Affine:
-    """The affine map taking activation ``x`` at hook ``name`` from space ``src`` to ``dst``.
+) -> Conv:
+    """The conversion of the activation at hook ``name`` from space ``src`` to ``dst``.
 
     Raises:
         SpaceConversionError: the conversion needs constants of the unprocessed weights
-            (``stats``) that this model cannot provide.
+            (``stats``, or the raw mean a ``tracker`` rebuilds) that this model cannot provide.
     """
     layer, _ = split(name)
     if kind in ("resid", "write"):
         if dst.center_writing_weights:
             # A centred space is centred by definition, also after an upstream edit wrote a
             # non-centred vector into a centred stream; centring is idempotent otherwise.
-            return Affine(shift=-x.mean(-1, keepdim=True))
+            return CENTER
         if not src.center_writing_weights:
-            return Affine()
+            return IDENTITY
         if tracker is None:
             raise _missing(name, src, dst)
         # A pure shift: writes go back as ``y - mean``, which keeps "raw = native + tracked
         # mean" true downstream, whatever was written.
-        return Affine(shift=tracker.mean(name).unsqueeze(-1))
+        return Conv(shift=tracker.mean(name).unsqueeze(-1))
     if kind == "v":
         if _value_terms(src) == _value_terms(dst):  # the same bias removed on both sides
-            return Affine()
+            return IDENTITY
         if stats is None or layer is None:
             raise _missing(name, src, dst)
-        heads = x.shape[-2]
-        return Affine(shift=stats.value_offset(layer, src, heads)
-                      - stats.value_offset(layer, dst, heads))
-    return Affine()
+        # Per key/value head; shift_for repeats it to the site's query heads (GQA).
+        shift = stats.value_offset(layer, src) - stats.value_offset(layer, dst)
+        return Conv(shift=shift) if isinstance(shift, Tensor) else IDENTITY
+    return IDENTITY
 
 
 def _value_terms(space: ActivationSpace) -> tuple[bool, bool]:

@@ -9,9 +9,7 @@ and layer come from the published path ``{location}{version}/autoencoders/{layer
 
 from __future__ import annotations
 
-from saebridge.hookmap.aliases import AliasSite, AliasTable, Sides
-
-B = "blocks.{layer}."
+from saebridge.hookmap.alias_table import AliasSite, AliasTable, B, Sides
 
 
 def _out(name: str) -> Sides:
@@ -45,4 +43,4 @@ DICTIONARY_LEARNING = AliasTable(
     },
 )
 
-TABLES = [OPENAI, DICTIONARY_LEARNING]
+TABLES = (OPENAI, DICTIONARY_LEARNING)

@@ -1,4 +1,6 @@
-"""Gemma-2 hook map (transformers 5 ``Gemma2ForCausalLM``), kept as data.
+"""Gemma-2 (transformers 5 ``Gemma2ForCausalLM``): everything saebridge knows about it, as
+data. :data:`ARCHITECTURE` bundles the hook map, the TransformerLens config table,
+sparsify's module-path aliases and the tiny random model (see CONTRIBUTING.md).
 
 Facts it encodes: every sublayer is wrapped in two RMSNorms, and what a sublayer adds to
 the residual stream is the *post* norm's output: ``hook_attn_out`` is
@@ -19,10 +21,15 @@ changes ``hook_v``/``hook_z`` by the value bias where there is one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from saebridge.hookmap.alias_table import AliasSite, AliasTable, B, Sides
+from saebridge.hookmap.architecture import Architecture, TinySpec
 from saebridge.hookmap.llama import CONFIG, attention_sites, rms_tl_weights
 from saebridge.hookmap.site import HookMap, Site
+from saebridge.hookmap.tl_config import LLAMA_FIELDS
 
 
 def tl_weights(sd: dict[str, torch.Tensor], n_heads: int) -> dict[str, torch.Tensor]:
@@ -67,4 +74,48 @@ GEMMA2 = HookMap(
     after_blocks={
         "ln_final.hook_normalized": Site("norm", "output", layout="unscale+1"),
     },
+)
+
+TL_CONFIG: dict[str, Any] = {
+    **LLAMA_FIELDS,
+    "act_fn": "hidden_activation",
+    "n_key_value_heads": "num_key_value_heads",
+    "attn_scale": lambda c: float(c.query_pre_attn_scalar) ** 0.5,
+    "attn_scores_soft_cap": "attn_logit_softcapping",
+    "output_logits_soft_cap": "final_logit_softcapping",
+    "use_normalization_before_and_after": (True,),
+}
+"""TransformerLens config field ← HF config (see :mod:`saebridge.hookmap.tl_config`)."""
+
+# sparsify names hookpoints relative to ``base_model``. What ``self_attn``/``mlp`` return is
+# normed again before it is added, so no canonical hook holds it: ``hook_attn_out`` and
+# ``hook_mlp_out`` are the outputs of the post norms. Both read their pre norm's output with
+# its gain (``affine``).
+NORMED = "its output is normed again (post_*_layernorm) before it reaches the residual stream"
+
+SPARSIFY = AliasTable(
+    family="sparsify", architectures=("Gemma2ForCausalLM",), hints=("gemma-2", "gemma2"),
+    entries={
+        "embed_tokens": Sides(AliasSite("hook_embed")),
+        "layers.{layer}": Sides(AliasSite(B + "hook_resid_post"), AliasSite(B + "hook_resid_pre")),
+        "layers.{layer}.self_attn": Sides(None, AliasSite(B + "ln1.hook_normalized", "ln1"),
+                                          NORMED),
+        "layers.{layer}.mlp": Sides(None, AliasSite(B + "ln2.hook_normalized", "ln2"), NORMED),
+        "layers.{layer}.post_attention_layernorm": Sides(AliasSite(B + "hook_attn_out")),
+        "layers.{layer}.post_feedforward_layernorm": Sides(AliasSite(B + "hook_mlp_out"))})
+
+ARCHITECTURE = Architecture(
+    name="gemma2",
+    hook_map=GEMMA2,
+    tl_config=TL_CONFIG,
+    tl_architectures=("Gemma2ForCausalLM",),
+    aliases=(SPARSIFY,),
+    # A 4-token sliding window on alternate layers, soft caps low enough to bend the tiny
+    # model's scores and logits, and query_pre_attn_scalar != head_dim, so each is tested.
+    tiny=TinySpec("Gemma2ForCausalLM", {
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,
+        "max_position_embeddings": 64, "sliding_window": 4, "query_pre_attn_scalar": 24,
+        "attn_logit_softcapping": 0.5, "final_logit_softcapping": 1.0, "pad_token_id": None},
+        gain_centre=0.0),
 )

@@ -1,4 +1,7 @@
-"""GPT-2 hook map (transformers 5 ``GPT2LMHeadModel``), kept as data.
+"""GPT-2 (transformers 5 ``GPT2LMHeadModel``): everything saebridge knows about it, as data.
+
+:data:`ARCHITECTURE` bundles the hook map, the TransformerLens config table, sparsify's
+module-path aliases and the tiny random model (see CONTRIBUTING.md).
 
 Facts it encodes: ``GPT2Block`` returns a tensor (``hook_resid_post`` is the block's
 output; ``output_hidden_states[-1]`` is after ``ln_f`` and is not it); ``hook_resid_mid``
@@ -12,8 +15,12 @@ off the HF LayerNorm's output with them undone.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from saebridge.hookmap.alias_table import AliasSite, AliasTable, B, Sides
+from saebridge.hookmap.architecture import Architecture, TinySpec
 from saebridge.hookmap.site import HookMap, Site
 
 
@@ -90,3 +97,56 @@ GPT2 = HookMap(
     },
 )
 
+TL_CONFIG: dict[str, Any] = {
+    "d_model": "n_embd", "n_heads": "n_head", "n_layers": "n_layer", "n_ctx": "n_positions",
+    "d_vocab": "vocab_size", "act_fn": "activation_function", "eps": "layer_norm_epsilon",
+    "scale_attn_by_inverse_layer_idx": "scale_attn_by_inverse_layer_idx",
+    "d_head": lambda c: c.n_embd // c.n_head,
+    "d_mlp": lambda c: getattr(c, "n_inner", None) or 4 * c.n_embd,
+    "normalization_type": ("LN",), "positional_embedding_type": ("standard",),
+    "default_prepend_bos": (True,),
+}
+"""TransformerLens config field ← HF config (see :mod:`saebridge.hookmap.tl_config`)."""
+
+# sparsify names a hookpoint by its path under ``model.base_model`` (``h.5``, ``h.5.mlp``).
+# ``attn`` and ``mlp`` read their LayerNorm's output with the gain and bias applied
+# (``affine``), which no canonical hook holds directly; ``mlp.act`` is the GELU (``hook_pre``
+# in, ``hook_post`` out); ``attn.c_proj``'s input is ``hook_z`` flattened; a LayerNorm's own
+# output has no canonical hook.
+LN_OUT = "its output is the LayerNorm output with gain and bias, which no canonical hook holds"
+
+SPARSIFY = AliasTable(
+    family="sparsify",
+    architectures=("GPT2LMHeadModel", "GPT2Model"),
+    entries={
+        "wte": Sides(AliasSite("hook_embed"), None, "its input is token ids"),
+        "wpe": Sides(AliasSite("hook_pos_embed"), None, "its input is positions"),
+        "h.{layer}": Sides(AliasSite(B + "hook_resid_post"), AliasSite(B + "hook_resid_pre")),
+        "h.{layer}.attn": Sides(AliasSite(B + "hook_attn_out"),
+                                AliasSite(B + "ln1.hook_normalized", affine="ln1")),
+        "h.{layer}.attn.c_proj": Sides(AliasSite(B + "hook_attn_out"),
+                                       AliasSite(B + "attn.hook_z")),
+        "h.{layer}.mlp": Sides(AliasSite(B + "hook_mlp_out"),
+                               AliasSite(B + "ln2.hook_normalized", affine="ln2")),
+        "h.{layer}.mlp.c_fc": Sides(AliasSite(B + "mlp.hook_pre"),
+                                    AliasSite(B + "ln2.hook_normalized", affine="ln2")),
+        "h.{layer}.mlp.act": Sides(AliasSite(B + "mlp.hook_post"), AliasSite(B + "mlp.hook_pre")),
+        "h.{layer}.mlp.c_proj": Sides(AliasSite(B + "hook_mlp_out"),
+                                      AliasSite(B + "mlp.hook_post")),
+        "h.{layer}.ln_1": Sides(None, AliasSite(B + "hook_resid_pre"), LN_OUT),
+        "h.{layer}.ln_2": Sides(None, None, LN_OUT + "; its input (resid_pre + attn_out) "
+                                "is hook_resid_mid, which has no module boundary"),
+        "ln_f": Sides(None, None, LN_OUT),
+    },
+)
+
+ARCHITECTURE = Architecture(
+    name="gpt2",
+    hook_map=GPT2,
+    tl_config=TL_CONFIG,
+    tl_architectures=("GPT2LMHeadModel",),
+    aliases=(SPARSIFY,),
+    tiny=TinySpec("GPT2LMHeadModel",
+                  {"n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 4},
+                  norm_weights="ln_", gain_init="normal"),
+)

@@ -1,5 +1,7 @@
-"""Llama hook map (transformers 5 ``LlamaForCausalLM``; Mistral and Qwen2 share the module
-layout and use it too), kept as data.
+"""Llama (transformers 5 ``LlamaForCausalLM``; Mistral and Qwen2 share the module layout
+and use this file too): everything saebridge knows about it, as data. :data:`ARCHITECTURE`
+bundles the hook map, the TransformerLens config table, sparsify's module-path aliases and
+the tiny random model (see CONTRIBUTING.md).
 
 Facts it encodes: the decoder layer calls ``self_attn(hidden_states=…)`` by keyword (a
 pre-hook on the attention must read ``kwargs``; the adapters use ``with_kwargs=True``);
@@ -22,7 +24,10 @@ from __future__ import annotations
 
 import torch
 
+from saebridge.hookmap.alias_table import AliasSite, AliasTable, B, Sides
+from saebridge.hookmap.architecture import Architecture, TinySpec
 from saebridge.hookmap.site import HookMap, Site
+from saebridge.hookmap.tl_config import LLAMA_FIELDS
 
 Tensor = torch.Tensor
 
@@ -110,6 +115,7 @@ def attention_sites(attn: str) -> dict[str, Site]:
         "attn.hook_z": Site(f"{attn}.o_proj", "input", kind="v", layout="heads"),
     }
 
+
 LLAMA = HookMap(
     architectures=("LlamaForCausalLM", "LlamaModel", "MistralForCausalLM", "MistralModel",
                    "Qwen2ForCausalLM", "Qwen2Model"),
@@ -136,4 +142,35 @@ LLAMA = HookMap(
     after_blocks={
         "ln_final.hook_normalized": Site("norm", "output", layout="unscale"),
     },
+)
+
+# sparsify names hookpoints relative to ``base_model``: the block output is
+# ``hook_resid_post``; ``self_attn``'s output (element 0) is ``hook_attn_out`` and ``mlp``'s
+# ``hook_mlp_out``; both read their RMSNorm's output with its gain (``affine``);
+# ``mlp.down_proj`` reads ``mlp.hook_post``.
+SPARSIFY = AliasTable(
+    family="sparsify", architectures=("LlamaForCausalLM", "MistralForCausalLM"),
+    hints=("llama", "mistral", "smollm"),
+    entries={
+        "embed_tokens": Sides(AliasSite("hook_embed")),
+        "layers.{layer}": Sides(AliasSite(B + "hook_resid_post"), AliasSite(B + "hook_resid_pre")),
+        "layers.{layer}.self_attn": Sides(AliasSite(B + "hook_attn_out"),
+                                          AliasSite(B + "ln1.hook_normalized", "ln1")),
+        "layers.{layer}.mlp": Sides(AliasSite(B + "hook_mlp_out"),
+                                    AliasSite(B + "ln2.hook_normalized", "ln2")),
+        "layers.{layer}.mlp.down_proj": Sides(AliasSite(B + "hook_mlp_out"),
+                                              AliasSite(B + "mlp.hook_post"))})
+
+ARCHITECTURE = Architecture(
+    name="llama",
+    hook_map=LLAMA,
+    tl_config=LLAMA_FIELDS,
+    tl_architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
+    aliases=(SPARSIFY,),
+    # Grouped-query attention (4 query heads, 2 key/value heads) and attention biases (as
+    # Qwen2 has), so the value-bias folding and the GQA key layout are exercised.
+    tiny=TinySpec("LlamaForCausalLM", {
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 64,
+        "attention_bias": True}),
 )

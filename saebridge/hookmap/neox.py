@@ -1,4 +1,6 @@
-"""GPT-NeoX hook map (Pythia; transformers 5 ``GPTNeoXForCausalLM``), kept as data.
+"""GPT-NeoX (Pythia; transformers 5 ``GPTNeoXForCausalLM``): everything saebridge knows
+about it, as data: :data:`ARCHITECTURE` bundles the hook map, the TransformerLens config
+table, sparsify's module-path aliases and the tiny random model (see CONTRIBUTING.md).
 
 Facts it encodes: attention and MLP run in parallel off the same block input
 (``use_parallel_residual=True``, as in every Pythia), so ``hook_resid_mid`` does not
@@ -11,9 +13,14 @@ so TransformerLens processing centres the residual stream as for GPT-2.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from saebridge.hookmap.alias_table import AliasSite, AliasTable, B, Sides
+from saebridge.hookmap.architecture import Architecture, TinySpec
 from saebridge.hookmap.site import HookMap, Site, Unavailable
+from saebridge.hookmap.tl_config import ROTARY, d_head, rope
 
 
 def tl_weights(sd: dict[str, torch.Tensor], n_heads: int) -> dict[str, torch.Tensor]:
@@ -94,4 +101,44 @@ NEOX = HookMap(
     after_blocks={
         "ln_final.hook_normalized": Site("final_layer_norm", "output", layout="unaffine"),
     },
+)
+
+TL_CONFIG: dict[str, Any] = {
+    **ROTARY,
+    "d_model": "hidden_size", "n_heads": "num_attention_heads",
+    "n_layers": "num_hidden_layers", "n_ctx": "max_position_embeddings",
+    "d_vocab": "vocab_size", "d_mlp": "intermediate_size", "eps": "layer_norm_eps",
+    "act_fn": "hidden_act", "parallel_attn_mlp": "use_parallel_residual", "d_head": d_head,
+    "rotary_dim": lambda c: round(rope(c, "partial_rotary_factor", 1.0) * d_head(c)),
+    "normalization_type": ("LN",), "default_prepend_bos": (False,),
+}
+"""TransformerLens config field ← HF config (see :mod:`saebridge.hookmap.tl_config`)."""
+
+# sparsify names hookpoints relative to ``base_model``: the block output is
+# ``hook_resid_post``; ``attention``'s output (element 0) is ``hook_attn_out`` and ``mlp``'s
+# ``hook_mlp_out``; both read their LayerNorm's output with its gain and bias (``affine``).
+SPARSIFY = AliasTable(
+    family="sparsify", architectures=("GPTNeoXForCausalLM",), hints=("pythia", "neox"),
+    entries={
+        "embed_in": Sides(AliasSite("hook_embed")),
+        "layers.{layer}": Sides(AliasSite(B + "hook_resid_post"), AliasSite(B + "hook_resid_pre")),
+        "layers.{layer}.attention": Sides(AliasSite(B + "hook_attn_out"),
+                                          AliasSite(B + "ln1.hook_normalized", "ln1")),
+        "layers.{layer}.mlp": Sides(AliasSite(B + "hook_mlp_out"),
+                                    AliasSite(B + "ln2.hook_normalized", "ln2")),
+        "layers.{layer}.mlp.dense_4h_to_h": Sides(AliasSite(B + "hook_mlp_out"),
+                                                  AliasSite(B + "mlp.hook_post"))})
+
+ARCHITECTURE = Architecture(
+    name="neox",
+    hook_map=NEOX,
+    tl_config=TL_CONFIG,
+    tl_architectures=("GPTNeoXForCausalLM",),
+    aliases=(SPARSIFY,),
+    # Pythia's layout: parallel residual, partial rotary, untied unembedding.
+    tiny=TinySpec("GPTNeoXForCausalLM", {
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 256, "max_position_embeddings": 64,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                            "partial_rotary_factor": 0.25}}),
 )

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from saebridge.sae.activations import SAEActivations
+from saebridge.kernel.activations import SAEActivations
 from saebridge.sae.config import ARCHITECTURES, NORMALIZATIONS, SAEConfig
 from saebridge.sae.model import SAE
 from saebridge.sae.params import parameter_shapes

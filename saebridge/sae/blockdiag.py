@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 
 from saebridge.errors import SAEConfigError, ShapeError
-from saebridge.sae.activations import SAEActivations
+from saebridge.kernel.sae import SAESpec
 from saebridge.sae.config import SAEConfig
 from saebridge.sae.model import SAE
 from saebridge.sae.params import parameter_shapes
@@ -73,7 +73,6 @@ class BlockDiagSAE(SAE):
     cfg: BlockDiagConfig
     saelens_format: ClassVar[str] = "saelens-blockdiag"
     """The format that ``save(format="saelens")`` writes this kind of SAE in."""
-    blocked_encode: ClassVar[bool] = False  # W_enc is [n_heads, d_head, m]
 
     def __init__(self, cfg: BlockDiagConfig, state_dict: dict[str, Tensor] | None = None
                  ) -> None:
@@ -88,18 +87,9 @@ class BlockDiagSAE(SAE):
         H, D, M = cfg.n_heads, cfg.d_head, cfg.latents_per_head
         return {**parameter_shapes(cfg), "W_enc": (H, D, M), "W_dec": (H, M, D)}
 
-    # ---- per-head linear maps (the rest of the forward pass is SAE's) -----------------
-
-    def _enc(self, x_BD: Tensor) -> Tensor:
-        x_BHD = x_BD.unflatten(-1, (self.cfg.n_heads, self.cfg.d_head))
-        return torch.einsum("...hd,hdm->...hm", x_BHD, self.W_enc).flatten(-2)
-
-    def _dec(self, acts_BF: Tensor) -> Tensor:
-        acts_BHM = acts_BF.unflatten(-1, (self.cfg.n_heads, self.cfg.latents_per_head))
-        return torch.einsum("...hm,hmd->...hd", acts_BHM, self.W_dec).flatten(-2)
-
-    def _decoder_norms(self) -> Tensor:
-        return self.W_dec.norm(dim=-1).flatten()
+    def spec(self) -> SAESpec:
+        """The dense spec, with the per-head blocks (the kernel's linear maps run per head)."""
+        return super().spec()._replace(n_heads=self.cfg.n_heads, spliced_heads=self.spliced_heads)
 
     def decoder_direction(self, feature: int) -> Tensor:
         """Latent ``feature``'s direction in the concatenated ``hook_z`` space, ``[d_in]``
@@ -139,17 +129,6 @@ class BlockDiagSAE(SAE):
         sae = type(self)(self.cfg, {n: p.detach() for n, p in self.named_parameters()})
         sae.spliced_heads = chosen
         return sae
-
-    def run(self, x: Tensor) -> SAEActivations:
-        acts = super().run(x)
-        if self.spliced_heads is None:
-            return acts
-        keep_H = torch.ones(self.cfg.n_heads, dtype=torch.bool, device=x.device)
-        keep_H[list(self.spliced_heads)] = False
-        x_BHD = acts.sae_input.unflatten(-1, (self.cfg.n_heads, self.cfg.d_head))
-        recons_BHD = acts.recons.reshape(x_BHD.shape).clone()
-        recons_BHD[..., keep_H, :] = x_BHD[..., keep_H, :]
-        return acts._replace(recons=recons_BHD.reshape(acts.recons.shape))
 
     # ---- dense <-> blocks -------------------------------------------------------------
 

@@ -13,23 +13,16 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from saebridge.errors import SAEConfigError, ShapeError
 from saebridge.hookmap.space import ActivationSpace
-from saebridge.sae import sparse
-from saebridge.sae.activations import (
-    NormStats,
-    SAEActivations,
-    flatten_heads,
-    jumprelu,
-    normalize_in,
-    normalize_out,
-)
-from saebridge.sae.blocked import encode_sae
+from saebridge.kernel import sae as kernel
+from saebridge.kernel.activations import NormStats, SAEActivations
+from saebridge.kernel.sae import SAEData, SAESpec, SparseForward
 from saebridge.sae.config import SAEConfig
 from saebridge.sae.params import (
     OPTIONAL_PARAMETERS,
@@ -38,7 +31,6 @@ from saebridge.sae.params import (
     dtype_name,
     parameter_shapes,
 )
-from saebridge.sae.sparse import SparseLatents, needs_grad, topk_latents, try_decode
 
 Tensor = torch.Tensor
 
@@ -65,9 +57,6 @@ class SAE(nn.Module):
     b_gate: nn.Parameter | None
     b_mag: nn.Parameter | None
     r_mag: nn.Parameter | None
-    blocked_encode: ClassVar[bool] = True
-    """Whether :meth:`forward` may use the blocked encoder (:mod:`saebridge.sae.blocked`),
-    which reads ``W_enc`` as a ``[d_in, d_sae]`` matrix."""
 
     def __init__(self, cfg: SAEConfig, state_dict: Mapping[str, Tensor] | None = None) -> None:
         super().__init__()
@@ -158,7 +147,18 @@ class SAE(nn.Module):
                 sae.threshold.copy_(0.5 * torch.rand(d_sae, generator=gen, dtype=torch.float64))
         return sae
 
-    # ---- the forward pass -----------------------------------------------------------
+    # ---- the forward pass (the math: saebridge.kernel.sae) -----------------------------
+
+    def spec(self) -> SAESpec:
+        """The config fields the forward reads, as plain data (see :mod:`saebridge.kernel.sae`)."""
+        c = self.cfg
+        return SAESpec(c.architecture, c.d_in, c.d_sae, c.k, c.hook_name, c.hook_head_index,
+                       c.is_hook_z, c.apply_b_dec_to_input, c.normalize_activations,
+                       c.rescale_acts_by_decoder_norm)
+
+    def data(self) -> SAEData:
+        """This SAE as the kernel takes it: its parameters (not copied) and :meth:`spec`."""
+        return SAEData(dict(self.named_parameters()), self.spec())
 
     def encode(self, x: Tensor) -> Tensor:
         """Latent activations ``[..., d_sae]`` (SAELens ``hook_sae_acts_post``).
@@ -167,9 +167,9 @@ class SAE(nn.Module):
         ``constant_norm_rescale``/``layer_norm`` the input's statistics are kept for the
         next :meth:`decode`, as SAELens does.
         """
-        _, _, acts_post_BF, stats, _ = self._encode(x)
-        self._norm_stats = stats
-        return acts_post_BF
+        enc = kernel.encode(self.data(), x)
+        self._norm_stats = enc.stats
+        return enc.acts_post
 
     def decode(self, acts: Tensor) -> Tensor:
         """Reconstruction ``[..., d_in]`` of latent activations (flat, also for hook_z SAEs)."""
@@ -177,8 +177,7 @@ class SAE(nn.Module):
             raise ShapeError(
                 f"decode() takes latents of shape [..., {self.cfg.d_sae}] (d_sae), got "
                 f"{tuple(acts.shape)}. Pass the output of encode().")
-        recons_BD = self._decode_linear(acts.to(self.W_dec.dtype))
-        return normalize_out(self.cfg.normalize_activations, recons_BD, self._norm_stats)
+        return kernel.decode(self.data(), acts, self._norm_stats)
 
     def forward(self, x: Tensor) -> Tensor:
         """``decode(encode(x))`` in the input's shape (SAELens ``hook_sae_output``).
@@ -187,16 +186,15 @@ class SAE(nn.Module):
         :meth:`forward_sparse`); the result equals ``run(x).recons`` within the dtype's
         rounding.
         """
-        fast = self.forward_sparse(x)
-        return self.run(x).recons if fast is None else fast[2]
+        return kernel.forward(self.data(), x)
 
-    def forward_sparse(self, x: Tensor) -> tuple[Tensor, SparseLatents, Tensor] | None:
+    def forward_sparse(self, x: Tensor) -> SparseForward | None:
         """``(hook_sae_input, active latents, reconstruction)`` without the dense latents, or
         None where those are needed: under autograd, for SAEs with a weight layout of their
         own, and when the latents are denser than ``sparse.MAX_SPARSE_DENSITY``.
 
         The encoder runs in blocks that keep only the active latents
-        (:mod:`saebridge.sae.blocked`) and the decoder gathers their rows.
+        (:mod:`saebridge.kernel.blocked`) and the decoder gathers their rows.
 
         >>> sae = SAE.random("topk", 8, 512, "blocks.0.hook_resid_pre", k=4)
         >>> with torch.no_grad():
@@ -204,19 +202,7 @@ class SAE(nn.Module):
         >>> latents.nnz, tuple(latents.to_sparse_coo(sae_input.shape[:-1]).shape)
         (24, (2, 3, 512))
         """
-        if not self.blocked_encode or needs_grad(x, *self.parameters()):
-            return None
-        cfg = self.cfg
-        norms_F = self._decoder_norms() if cfg.rescale_acts_by_decoder_norm else None
-        sae_input_BD, sae_in_BD, stats = self._prepare(x)
-        latents = encode_sae(sae_in_BD.reshape(-1, cfg.d_in), dict(self.named_parameters()),
-                             cfg.architecture, cfg.k, norms_F)
-        if latents is None:
-            return None
-        decoded_RD = sparse.decode_sparse(latents, self.W_dec, None if norms_F is None else
-                                          1 / norms_F).add_(self.b_dec)
-        decoded_BD = decoded_RD.reshape(*sae_input_BD.shape[:-1], decoded_RD.shape[-1])
-        return sae_input_BD, latents, self._finish(x, sae_input_BD, decoded_BD, stats)
+        return kernel.forward_sparse(self.data(), x)
 
     def run(self, x: Tensor) -> SAEActivations:
         """Every intermediate of one pass, named after SAELens's hook points.
@@ -227,85 +213,14 @@ class SAE(nn.Module):
         >>> tuple(out.acts_post.shape), torch.equal(out.recons, sae(x))
         ((3, 8), True)
         """
-        sae_input_BD, acts_pre_BF, acts_post_BF, stats, latents = self._encode(x)
-        recons = self._finish(x, sae_input_BD, self._decode_linear(acts_post_BF, latents), stats)
-        return SAEActivations(sae_input_BD, acts_pre_BF, acts_post_BF, recons)
+        return kernel.run(self.data(), x)
 
-    def _finish(self, x: Tensor, sae_input_BD: Tensor, decoded_BD: Tensor,
-                stats: NormStats | None) -> Tensor:
-        """The reconstruction from ``latents @ W_dec + b_dec``: normalisation undone, and
-        (hook_z) back to ``[..., n_heads, d_head]`` when that is what came in."""
-        return normalize_out(self.cfg.normalize_activations, decoded_BD, stats).reshape(x.shape)
-
-    def _prepare(self, x: Tensor) -> tuple[Tensor, Tensor, NormStats | None]:
-        """``(hook_sae_input, encoder input, norm stats)``: flattened, normalised, ``b_dec``
-        subtracted."""
-        cfg = self.cfg
-        sae_input_BD = flatten_heads(x.to(self.W_enc.dtype), cfg.d_in, cfg.is_hook_z,
-                                     cfg.hook_name)
-        sae_in_BD, stats = normalize_in(cfg.normalize_activations, sae_input_BD)
-        if cfg.apply_b_dec_to_input:
-            sae_in_BD = sae_in_BD - self.b_dec
-        return sae_input_BD, sae_in_BD, stats
-
-    def _encode(self, x: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor, NormStats | None, SparseLatents | None]:
-        # The last item: TopK's latents as found by topk, so decode need not search them.
-        cfg = self.cfg
-        sae_input_BD, sae_in_BD, stats = self._prepare(x)
-        if cfg.architecture == "gated":
-            assert self.b_gate is not None and self.b_mag is not None and self.r_mag is not None
-            # One matmul for both paths: x @ (W_enc * exp(r_mag)) == (x @ W_enc) * exp(r_mag).
-            lin_BF = self._enc(sae_in_BD)
-            gate_BF = ((lin_BF + self.b_gate) > 0).to(sae_in_BD.dtype)
-            acts_pre_BF = lin_BF.mul_(self.r_mag.exp()).add_(self.b_mag)
-            return sae_input_BD, acts_pre_BF, gate_BF * acts_pre_BF.relu(), stats, None
-        assert self.b_enc is not None  # every non-gated architecture has one
-        # In place: _enc returns a fresh [..., d_sae] tensor, and allocating and first
-        # touching another that size costs ~5 % of an SAE pass on CPU. Same values.
-        acts_pre_BF = self._enc(sae_in_BD).add_(self.b_enc)
-        ranked_BF = acts_pre_BF
-        if cfg.rescale_acts_by_decoder_norm:
-            ranked_BF = acts_pre_BF * self._decoder_norms()
-        latents = None
-        if cfg.architecture == "topk":
-            acts_post_BF, latents = topk_latents(ranked_BF, int(cfg.k))  # type: ignore[arg-type]
-        elif cfg.architecture in ("jumprelu", "batchtopk"):
-            assert self.threshold is not None
-            acts_post_BF = jumprelu(ranked_BF, self.threshold)
-        else:
-            acts_post_BF = ranked_BF.relu()
-        return sae_input_BD, acts_pre_BF, acts_post_BF, stats, latents
-
-    def _decode_linear(self, acts_BF: Tensor, latents: SparseLatents | None = None) -> Tensor:
-        scale_F = 1 / self._decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
-        # Sparse decode (saebridge.sae.sparse) gathers rows of a [d_sae, d_out] W_dec; other
-        # layouts (per-head blocks) decode densely through _dec.
-        if self.W_dec.dim() == 2 and self.W_dec.shape[0] == self.cfg.d_sae:
-            recons_BD = try_decode(acts_BF, self.W_dec, latents, scale_F)
-            if recons_BD is not None:
-                return recons_BD + self.b_dec
-        if scale_F is not None:
-            acts_BF = acts_BF * scale_F
-        return self._dec(acts_BF) + self.b_dec
-
-    # The weight layout lives in these four methods, so that SAEs storing their weights
-    # differently (per-head blocks, see saebridge.sae.blockdiag) share the forward pass.
+    # The weight layout lives in the parameter shapes (and the kernel's linear maps, chosen
+    # by SAESpec.n_heads), so SAEs storing their weights differently (per-head blocks, see
+    # saebridge.sae.blockdiag) share the forward pass.
 
     def _parameter_shapes(self, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
         return parameter_shapes(cfg)
-
-    def _enc(self, x_BD: Tensor) -> Tensor:
-        """``x @ W_enc``, without the bias (a fresh tensor: callers work in place)."""
-        return x_BD @ self.W_enc
-
-    def _dec(self, acts_BF: Tensor) -> Tensor:
-        """``acts @ W_dec``, without the bias."""
-        return acts_BF @ self.W_dec
-
-    def _decoder_norms(self) -> Tensor:
-        """The norm of each latent's decoder direction, ``[d_sae]``."""
-        return self.W_dec.norm(dim=-1)
 
     def decoder_direction(self, feature: int) -> Tensor:
         """The decoder direction of latent ``feature``, ``[d_in]`` (what steering adds)."""
@@ -347,16 +262,18 @@ class SAE(nn.Module):
         ...     torch.equal(SAE.load(folder).r_mag, sae.r_mag)
         True
         """
-        from saebridge import formats  # formats imports this module: import it lazily
+        # saebridge.formats (above this module) registers its loader there when imported.
+        from saebridge.sae.files import load as load_registered
 
-        return formats.load(path, format=format, device=device, dtype=dtype,
-                            hook_name=hook_name, subfolder=subfolder)
+        sae: SAE = load_registered(path, format=format, device=device, dtype=dtype,
+                                   hook_name=hook_name, subfolder=subfolder)
+        return sae
 
     def save(self, path: str | os.PathLike[str], *, format: str = "saelens") -> None:
         """Write this SAE to the folder ``path`` (created if needed) in ``format``."""
-        from saebridge import formats
+        from saebridge.sae.files import save as save_registered
 
-        formats.save(self, path, format=format)
+        save_registered(self, path, format=format)
 
     # ---- nn.Module plumbing ---------------------------------------------------------
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from saebridge.errors import SAEConfigError
-from saebridge.sae.activations import NormStats
+from saebridge.kernel.sae import SAESpec
 from saebridge.sae.config import SAEConfig
 from saebridge.sae.model import SAE
 from saebridge.sae.params import parameter_shapes
@@ -144,9 +144,9 @@ class Transcoder(SAE):
                                                    dtype=torch.float64)).to(dtype)
         return cls(cfg, tensors)
 
-    def _finish(self, x: Tensor, sae_input_BD: Tensor, decoded_BO: Tensor,
-                stats: NormStats | None) -> Tensor:
-        """The prediction of the output site ``[..., d_out]``: the decode plus the skip term.
+    def spec(self) -> SAESpec:
+        """The SAE's spec with the output site: the kernel then adds the skip term
+        (``x @ W_skip.T``) to the prediction and leaves it ``[..., d_out]``.
 
         >>> tc = Transcoder.random("standard", 4, 8, 4, "blocks.0.hook_resid_pre",
         ...                        "blocks.0.hook_resid_post", skip=True)
@@ -154,9 +154,7 @@ class Transcoder(SAE):
         >>> torch.allclose(tc(x), tc.decode(tc.encode(x)) + x @ tc.W_skip.T)
         True
         """
-        if self.W_skip is not None:
-            return decoded_BO + sae_input_BD @ self.W_skip.T
-        return decoded_BO
+        return super().spec()._replace(d_out=self.cfg.d_out, hook_name_out=self.cfg.hook_name_out)
 
     def decoder_direction(self, feature: int) -> Tensor:
         """The direction latent ``feature`` writes at the *output* site, ``[d_out]``."""

@@ -1,7 +1,7 @@
 """Blocked encoding: an SAE's active latents without its dense ``[tokens, d_sae]`` latents.
 
 A splice that keeps none of the SAE's intermediates needs only the active latents, and the
-decoder rows they pick (:mod:`saebridge.sae.sparse`). A dense encode writes a fresh
+decoder rows they pick (:mod:`saebridge.kernel.sparse`). A dense encode writes a fresh
 ``[tokens, d_sae]`` pre-activation tensor — 48 MiB for 512 tokens of a 24576-latent SAE —
 and then reads it again for the activation function, for the search for non-zeros and (TopK)
 for the scatter into dense latents. Here the encoder runs one block of latents at a time
@@ -11,7 +11,7 @@ active entries leave the block. TopK takes the first block's ``k`` largest per r
 from later blocks only the entries above the smallest of those (:class:`_TopK`): the global
 top ``k`` is always among the candidates.
 
-The active latents come out in :class:`~saebridge.sae.sparse.SparseLatents` order (ascending
+The active latents come out in :class:`~saebridge.kernel.sparse.SparseLatents` order (ascending
 latent index per token), with the values the dense path computes: the per-block arithmetic
 is the dense path's, operation for operation, so latents and reconstructions agree with
 :meth:`SAE.run` up to the matmul's own blocking (bit for bit where the BLAS computes a column
@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import torch
 
-from saebridge.sae.sparse import (
+from saebridge.kernel.sparse import (
     MAX_SPARSE_DENSITY,
     SparseLatents,
     from_topk,

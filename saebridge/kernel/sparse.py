@@ -16,7 +16,7 @@ The sparse path is taken only where it gives the dense result up to summation or
 
 :meth:`SAE.run` (from TopK's indices, without searching for them), :meth:`SAE.decode`
 (from a dense latent tensor) and the blocked encoder behind :meth:`SAE.forward`
-(:mod:`saebridge.sae.blocked`, which never builds the dense latents) all build the same
+(:mod:`saebridge.kernel.blocked`, which never builds the dense latents) all build the same
 entries in the same order (ascending latent index per token, zeros dropped), so
 ``forward(x)`` and ``decode(encode(x))`` agree to the encoder matmul's rounding (bit for
 bit when it fits one block).
