@@ -44,7 +44,7 @@ NAMES = {"hf": "nnsight-hf", "transformer_lens": "nnsight-tl",
 """The wrapped model's backend → this adapter's backend name."""
 
 
-def _is(obj: object, class_path: str) -> bool:
+def is_a(obj: object, class_path: str) -> bool:
     return any(f"{c.__module__}.{c.__qualname__}" == class_path for c in type(obj).__mro__)
 
 
@@ -161,7 +161,7 @@ class NNsightAdapter:
         model's adapter says how); an nnsight ``LanguageModel`` runs its own ``generate``, as
         ``with lm.generate(...)`` does (a remote request then names nnsight's method)."""
         call, kwargs = self.inner.generate_call(tokens_BP, n_new)
-        if _is(self.envoy, "nnsight.modeling.transformers.TransformersModel"):
+        if is_a(self.envoy, "nnsight.modeling.transformers.TransformersModel"):
             kwargs.pop("attention_mask", None)
             call = inspect.unwrap(type(self.envoy).generate).__get__(self.envoy)
         return call, kwargs

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from nnsight import save
 
-from saebridge.adapters.nnsight import NNsightAdapter, _is, check_generated
+from saebridge.adapters.nnsight import NNsightAdapter, check_generated, is_a
 from saebridge.adapters.nnsight_remote import Prepared, Visit, forward, generate, register
 from saebridge.engine import ActivationCache, Compiled, compile_steps
 from saebridge.errors import UnknownHookError, UnsupportedArchitectureError
@@ -59,7 +59,7 @@ def remote_kwargs(adapter: NNsightAdapter) -> dict[str, Any]:
     remote = adapter.remote
     if not isinstance(remote, (bool, str)):
         return {"backend": remote}  # an nnsight Backend object
-    if not _is(adapter.envoy, "nnsight.modeling.mixins.remotable.Remotable"):
+    if not is_a(adapter.envoy, "nnsight.modeling.mixins.remotable.Remotable"):
         raise TypeError(
             f"remote={remote!r} needs an nnsight model with a remote identity "
             f"(TransformersModel or LanguageModel); a {type(adapter.envoy).__name__} runs "
@@ -141,7 +141,7 @@ def adapter_for(obj: Any, **kwargs: Any) -> NNsightAdapter:
 def in_trace_adapter(model: Any) -> NNsightAdapter:
     if isinstance(model, Model):
         model = getattr(model.adapter, "envoy", model)
-    if not _is(model, "nnsight.intervention.envoy.Envoy"):
+    if not is_a(model, "nnsight.intervention.envoy.Envoy"):
         raise TypeError(
             f"sb.splice/sb.steer run inside an nnsight trace of an nnsight model, got a "
             f"{type(model).__name__}. For other backends use model.run_with_saes / "
