@@ -40,7 +40,7 @@ from saebridge.hookmap.convert import (
     needs_tracker,
 )
 from saebridge.hookmap.space import CANONICAL, ActivationSpace
-from saebridge.interventions import Intervention, Observe, SiteContext
+from saebridge.interventions import Intervention, Observe, SiteContext, ln_gain_bias
 from saebridge.kernel import steps as S
 from saebridge.kernel.sae import SAEData
 from saebridge.kernel.spaces import Conv, forward
@@ -293,14 +293,8 @@ class _Compiler:
         return conv if conv.shift is None else conv._replace(shift=conv.shift.detach())
 
     def gain_bias(self, name: str, affine: str) -> tuple[Tensor, Tensor]:
-        layer = int(name.split(".")[1]) if name.startswith("blocks.") else 0
-        found = self.stats.ln_affine(layer, affine) if self.stats is not None else None
-        if found is None:
-            raise SpaceConversionError(
-                f"transcoder at {name!r} reads the output of {affine} with its gain and bias, "
-                "but this model's unprocessed LayerNorm weights are unknown. Wrap an "
-                "unprocessed model.")
-        return found[0].detach(), found[1].detach()
+        gain, bias = ln_gain_bias(self.stats, name, affine)
+        return gain.detach(), bias.detach()
 
 
 FORWARD_METHODS = ("encode", "decode", "forward", "run", "forward_sparse")

@@ -19,6 +19,7 @@ import torch
 
 from saebridge.errors import SAEConfigError, SpaceConversionError
 from saebridge.hookmap.convert import RawStats
+from saebridge.hookmap.lookup import split
 from saebridge.hookmap.site import Kind
 from saebridge.hookmap.space import ActivationSpace
 from saebridge.kernel import ops
@@ -243,6 +244,18 @@ def _slot(sae: SAE) -> str:
     return f"{sae.cfg.hook_name}->{getattr(sae.cfg, 'hook_name_out', '')}#{id(sae)}"
 
 
+def ln_gain_bias(stats: RawStats | None, name: str, affine: str) -> tuple[Tensor, Tensor]:
+    """The unprocessed gain and bias of LayerNorm ``affine`` (``ln1``/``ln2``) in the block of
+    hook ``name``: a transcoder reading that norm's output applies them to its input."""
+    found = stats.ln_affine(split(name)[0] or 0, affine) if stats is not None else None
+    if found is None:
+        raise SpaceConversionError(
+            f"transcoder at {name!r} reads the output of {affine} with its gain and bias, but "
+            "this model's unprocessed LayerNorm weights are unknown. Build the model with "
+            "saebridge.adapters.transformer_lens.from_hf(), or wrap an unprocessed one.")
+    return found
+
+
 @dataclass
 class TranscoderRead:
     """Encodes the transcoder's input site and keeps the prediction; changes nothing."""
@@ -254,25 +267,15 @@ class TranscoderRead:
     def hook(self) -> str:
         return self.sae.cfg.hook_name
 
-    def _gain_bias(self, ctx: SiteContext) -> tuple[Tensor, Tensor] | None:
+    def _gain_bias(self, stats: RawStats | None) -> tuple[Tensor, Tensor] | None:
         affine = self.sae.cfg.input_affine
-        if affine is None:
-            return None
-        layer = ctx.name.split(".")[1] if ctx.name.startswith("blocks.") else "0"
-        gain_bias = ctx.raw_stats.ln_affine(int(layer), affine) \
-            if ctx.raw_stats is not None else None
-        if gain_bias is None:
-            raise SpaceConversionError(
-                f"transcoder at {ctx.name!r} reads the output of {affine} with its gain and "
-                "bias, but this model's unprocessed LayerNorm weights are unknown. Build the "
-                "model with saebridge.adapters.transformer_lens.from_hf(), or wrap an "
-                "unprocessed one.")
-        return gain_bias
+        return None if affine is None else ln_gain_bias(stats, self.hook, affine)
 
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
         conv = ctx.convert(self.sae.cfg.activation_space, x)
         prediction, records = ops.transcoder_read(self.sae.data(), x, conv,
-                                                  self._gain_bias(ctx), ctx.mode, ctx.name,
+                                                  self._gain_bias(ctx.raw_stats), ctx.mode,
+                                                  ctx.name,
                                                   impl=self.sae)
         _keep(ctx, self.hook, records)
         ctx.state[_slot(self.sae)] = prediction
