@@ -247,3 +247,12 @@ def arch_models(tmp_path_factory):
 def family(request) -> str:
     """Each tiny architecture in turn."""
     return request.param
+
+
+@pytest.fixture
+def model(models, backend):
+    """The backend under test, run once: a TransformerBridge wires permanent capture hooks
+    of its own on its first forward, so hook counts are compared with the count after it."""
+    model = models(*backend)
+    model("Hello")
+    return model

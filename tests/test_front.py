@@ -17,15 +17,6 @@ def sae(backend):
                          activation_space="tl-processed").to(backend.device)
 
 
-@pytest.fixture
-def model(models, backend):
-    """The backend under test, run once: a TransformerBridge wires permanent capture hooks
-    of its own on its first forward, so hook counts are compared with the count after it."""
-    model = models(*backend)
-    model("Hello")
-    return model
-
-
 def test_run_with_saes_is_stateless(model, sae):
     tokens = model.to_tokens("Hello world, hello SAE")
     before, hooks = model(tokens), hooks_left(model)

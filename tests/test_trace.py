@@ -19,15 +19,6 @@ def tokens(models):
     return models("hf").to_tokens("Hello world, hello")
 
 
-@pytest.fixture
-def model(models, backend):
-    """The backend under test, run once: a TransformerBridge wires permanent capture hooks
-    of its own on its first forward, so hook counts are compared with the count after it."""
-    model = models(*backend)
-    model("Hello")
-    return model
-
-
 def no_state_left(model: sb.Model, hooks: int) -> bool:
     """No hook beyond the ``hooks`` the model had before, and the model is unlocked."""
     return hooks_left(model) == hooks and not model.lock.locked()
