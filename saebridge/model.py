@@ -99,7 +99,9 @@ class Model:
                               "pass them one at a time or as an equal-length token tensor.")
         return torch.tensor(ids, dtype=torch.long, device=self._adapter.device)
 
-    def _tokens(self, tokens: TokensLike) -> Tensor:
+    def tokens(self, tokens: TokensLike) -> Tensor:
+        """``tokens`` checked and on the model's device: text is tokenised (BOS first), a
+        1-D tensor becomes one batch row, ids must be in the vocabulary."""
         if isinstance(tokens, str) or (isinstance(tokens, Sequence) and tokens
                                        and isinstance(tokens[0], str)):
             return self.to_tokens(tokens)  # type: ignore[arg-type]
@@ -133,11 +135,6 @@ class Model:
         """The splices of the attached SAEs (a copy), in the order they were attached."""
         return list(self._attached)
 
-    def tokens(self, tokens: TokensLike) -> Tensor:
-        """``tokens`` checked and on the model's device: text is tokenised (BOS first), a
-        1-D tensor becomes one batch row, ids must be in the vocabulary."""
-        return self._tokens(tokens)
-
     def plan(self, tokens_BP: Tensor, ops: Sequence[Intervention] = (),
              cache: ActivationCache | None = None, names: Iterable[str] = ()) -> Plan:
         """The engine's plan for one forward: the attached SAEs, then ``ops`` (transcoders
@@ -168,7 +165,7 @@ class Model:
     def _run(self, tokens: TokensLike, ops: Sequence[Intervention],
              names: Iterable[str] | None = None, cache: bool = False, sparse: bool = False
              ) -> tuple[Tensor, ActivationCache]:
-        toks = self._tokens(tokens)
+        toks = self.tokens(tokens)
         store = ActivationCache() if cache else None
         if store is not None:
             store.sparse = sparse
@@ -255,7 +252,7 @@ class Model:
                         interventions: Sequence[Intervention], saes: Sequence[SAE],
                         use_error_term: bool) -> tuple[Tensor, list[Intervention]]:
         """Validated tokens and the op list every step of a generation applies."""
-        toks = self._tokens(tokens)
+        toks = self.tokens(tokens)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 0:
             raise TokensError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
