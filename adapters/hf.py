@@ -7,22 +7,39 @@ Every handle is removed in ``finally``, so a forward that raises leaves no hook 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
+from saebridge.adapters import derived
+from saebridge.adapters.weights import WeightReader, lazy_raw_stats
 from saebridge.backends import SiteFn
 from saebridge.errors import UnknownHookError, UnsupportedArchitectureError
-from saebridge.hookmap import hook_map, names, resolve
+from saebridge.hookmap import hook_map, names, resolve, split
 from saebridge.hookmap.convert import RawStats
 from saebridge.hookmap.layout import LAYOUTS
-from saebridge.hookmap.site import Kind, Site
-from saebridge.hookmap.space import HF
-from saebridge.kernel.layout import Location, apply_at
+from saebridge.hookmap.registry import architectures
+from saebridge.hookmap.site import EAGER, HookMap, Kind, Site
+from saebridge.hookmap.space import CANONICAL, HF
+from saebridge.kernel.layout import Layout, Location, apply_at, gain_bias
 
 Tensor = torch.Tensor
+
+
+def hf_architecture(model: nn.Module) -> str:
+    """The HF architecture name of ``model``: ``config.architectures[0]``, or its class name
+    where the config lists none (a model built from a config, ``GPT2LMHeadModel(config)``,
+    has ``architectures=None`` until it is saved and loaded).
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> hf_architecture(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2)))
+    'GPT2LMHeadModel'
+    """
+    listed = getattr(getattr(model, "config", None), "architectures", None)
+    return str(listed[0]) if listed else type(model).__name__
 
 
 class HFAdapter:
@@ -33,8 +50,8 @@ class HFAdapter:
 
     def __init__(self, model: nn.Module, tokenizer: Any | None = None) -> None:
         config = model.config
-        arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
-        self.model, self.tokenizer, self.map = model, tokenizer, hook_map(arch)
+        arch = hf_architecture(model)
+        self.model, self.tokenizer, self.map = model, tokenizer, known_map(arch)
         self.model_name: str | None = getattr(config, "_name_or_path", None) or None
         c = self.map.config
         self.n_layers = int(getattr(config, c["n_layers"]))
@@ -58,10 +75,23 @@ class HFAdapter:
             self.map = self.map.without_norms()
         self._modules = modules
         self._stats: RawStats | None = None
+        self.weights = WeightReader(model, modules)
+        """Reads weights wherever accelerate put them (offloaded ones through its
+        weights map), one at a time."""
+        self.weights.check()
+        self._norms: dict[str, Unnorm] = {}
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where tokens go: the device the embedding computes on (a dispatched model's
+        first device; ``meta`` for a model kept there to run remotely)."""
+        found = self.weights.device(self.prefix + self.site("hook_embed").module)
+        return found if found is not None else next(self.model.parameters()).device
+
+    def device_of(self, name: str) -> torch.device:
+        """The device hook ``name`` computes on (per layer in a dispatched model): load an
+        SAE there to run it without copying activations (``sae.to(...)``)."""
+        return self.weights.device(self.locate(name).path) or self.device
 
     def _eager(self) -> bool:
         return self._attn() == "eager"
@@ -70,11 +100,14 @@ class HFAdapter:
         return str(getattr(self.model.config, "_attn_implementation", "eager"))
 
     def _available(self, site: Site) -> bool:
-        return site.requires is None or self._eager()
+        # Eager attention is switched to for the runs that read it (adapters/derived.py).
+        return site.requires in (None, EAGER) or self._eager()
 
     def hook_names(self) -> list[str]:
-        return [n for n in names(self.map, self.n_layers)
-                if self._available(resolve(self.map, n, self.n_layers))]
+        """Every hook a full cache holds; hooks TransformerLens runs only under a config
+        flag (``Site.tl_flag``) are produced when asked for by name, as with the flag on."""
+        sites = {n: resolve(self.map, n, self.n_layers) for n in names(self.map, self.n_layers)}
+        return [n for n, s in sites.items() if s.tl_flag is None and self._available(s)]
 
     def site(self, name: str) -> Site:
         site = resolve(self.map, name, self.n_layers)
@@ -92,19 +125,63 @@ class HFAdapter:
         return self.site(name).writable
 
     def raw_stats(self) -> RawStats | None:
+        """Constants of the weights, each layer's computed on first use from that layer's
+        weights alone, on its device (dispatched and offloaded models included)."""
         if self._stats is None and self.map.tl_weights is not None:
-            sd = {k: v.detach() for k, v in self.model.state_dict().items()}
-            self._stats = RawStats.from_tl_weights(self.map.tl_weights(sd, self.n_heads))
+            blocks = [self.prefix + self.site(f"blocks.{i}.hook_resid_post").module
+                      for i in range(self.n_layers)]
+            embeds = [self.prefix + s.module for s in self.map.before_blocks.values()
+                      if isinstance(s, Site)]
+            self._stats = lazy_raw_stats(self.weights, self.map.tl_weights, self.n_heads,
+                                         blocks, embeds)
         return self._stats
 
     def locate(self, name: str) -> Location:
         """Where hook ``name`` lives: the hook map's :class:`Site`, with the model's prefix
         and head sizes (raises UnknownHookError for names this model lacks)."""
         site, prefix = self.site(name), self.prefix
+        layout, unnorm = LAYOUTS[site.layout], None
+        if layout.unnorm is not None and self.weights.dispatched:
+            # An offloaded norm's weights are back on meta when its output hook runs: undo
+            # its gain and bias with copies read once through accelerate's weights map.
+            layout, unnorm = Layout(), self._unnorm(prefix + site.module, layout.unnorm)
+        if site.derive is not None:  # computed from this module's tensor, read-only
+            unnorm = derived.converter(site, self._modules[prefix + site.module], self.n_heads,
+                                       self._n_kv_heads(), self._value_offset(name))
         return Location(prefix + site.module, site.io, site.index, site.arg, site.kwarg,
-                        LAYOUTS[site.layout], self.n_heads, self.d_head,
+                        layout, self.n_heads, self.d_head,
                         None if site.residual_from is None else prefix + site.residual_from,
-                        site.writable)
+                        site.writable, unnorm)
+
+    def _n_kv_heads(self) -> int:
+        return int(getattr(self.model.config, "num_key_value_heads", None) or self.n_heads)
+
+    def _value_offset(self, name: str) -> Callable[[], Tensor | float]:
+        """What the canonical space removes from ``hook_z`` at ``name``'s layer (its
+        ``hook_result`` is computed from ``hook_z`` in that space)."""
+        layer = split(name)[0]
+
+        def offset() -> Tensor | float:
+            stats = self.raw_stats()
+            return 0.0 if stats is None or layer is None else \
+                stats.value_offset(layer, CANONICAL, self.n_heads)
+        return offset
+
+    def _attention_switch(self, edits: Mapping[str, SiteFn]) -> Any:
+        """Eager attention for a run reading scores or patterns (restored afterwards)."""
+        sites = {n: self.site(n) for n in edits}
+        if not any(s.requires == EAGER for s in sites.values()):
+            return contextlib.nullcontext()
+        return derived.eager_attention(self.model, [
+            self._modules[self.prefix + s.module] for s in sites.values()
+            if s.derive in ("scores", "rot_q", "rot_k")])
+
+    def _unnorm(self, path: str, kind: str) -> Unnorm:
+        if path not in self._norms:
+            bias = self.weights[path + ".bias"] if kind == "affine" else None
+            self._norms[path] = Unnorm(*gain_bias(_Norm(self.weights[path + ".weight"], bias),
+                                                  kind))
+        return self._norms[path]
 
     call_kwargs: ClassVar[dict[str, Any]] = {"use_cache": False}
     """What every forward passes besides the tokens (no KV cache: one pass, every hook)."""
@@ -163,7 +240,8 @@ class HFAdapter:
                          if loc.residual is not None}:
                 handles.append(self._modules[path].register_forward_pre_hook(
                     _stash_input(path, stash), with_kwargs=True))
-            return call()
+            with self._attention_switch(edits):
+                return call()
         finally:
             for handle in handles:
                 handle.remove()
@@ -206,6 +284,26 @@ def _input_hook(views: list[tuple[Location, SiteFn]]):
     return hook
 
 
+def known_map(arch: str) -> HookMap:
+    """The hook map of HF architecture ``arch``.
+
+    Raises:
+        UnsupportedArchitectureError: listing every supported architecture and the two ways
+            to use another one (a custom hook map for this model, or a registered one).
+    """
+    try:
+        return hook_map(arch)
+    except UnsupportedArchitectureError as err:
+        supported = sorted({a for arch_ in architectures() for a in arch_.hook_map.architectures})
+        raise UnsupportedArchitectureError(
+            f"saebridge has no hook map for architecture {arch!r}. Supported: "
+            f"{', '.join(supported)}. For another architecture pass a custom hook map for "
+            "this model: sb.wrap(model, hookmap={'blocks.0.hook_resid_post': "
+            "sb.HookSpec('model.layers.0', io='output'), ...}), naming each canonical hook "
+            "you use; or register a full one with saebridge.hookmap.register() "
+            "(CONTRIBUTING.md: adding an architecture).") from err
+
+
 def refuse_bridged(model: nn.Module) -> None:
     """Refuse an HF model that a TransformerLens ``TransformerBridge`` was built around.
 
@@ -227,6 +325,25 @@ def refuse_bridged(model: nn.Module) -> None:
                 "model's activations. Wrap the bridge instead (sb.wrap(bridge)), or reload "
                 "the HF model; build bridges with saebridge.adapters.tl_bridge.bridge_from_hf"
                 "(hf_model), which works on a copy.")
+
+
+class _Norm(NamedTuple):
+    weight: Tensor
+    bias: Tensor | None
+
+
+class Unnorm(NamedTuple):
+    """Undoes a norm's gain and bias (a :class:`Location`'s ``convert``): what the
+    ``unnorm`` layouts do, with the weights held here instead of read off the module."""
+
+    gain: Tensor | float
+    bias: Tensor | float
+
+    def convert(self, x: Tensor) -> Tensor:
+        return (x - self.bias) / self.gain
+
+    def revert(self, x: Tensor) -> Tensor:
+        return x * self.gain + self.bias
 
 
 def _current(current: dict[str, SiteFn], name: str) -> SiteFn:

@@ -32,7 +32,13 @@ from torch import nn
 
 from saebridge.adapters.hf import HFAdapter
 from saebridge.backends import SiteFn
-from saebridge.errors import ShapeError, UnknownHookError, unknown
+from saebridge.errors import (
+    ArgumentTypeError,
+    OptionError,
+    ShapeError,
+    UnknownHookError,
+    unknown,
+)
 from saebridge.hookmap import canonical_names, split
 from saebridge.hookmap.convert import RawStats
 from saebridge.hookmap.site import HookSpec, Kind, Site
@@ -68,7 +74,7 @@ class ModuleAdapter(HFAdapter):
         sites: dict[str, Site] = {}
         for name, spec in hookmap.items():
             if not isinstance(spec, HookSpec):
-                raise TypeError(f"hookmap[{name!r}] is a {type(spec).__name__}; pass a "
+                raise ArgumentTypeError(f"hookmap[{name!r}] is a {type(spec).__name__}; pass a "
                                 f"saebridge.HookSpec(path, io=..., index=..., reshape=...).")
             rel = split(name)[1]
             if rel not in known:
@@ -94,7 +100,7 @@ class ModuleAdapter(HFAdapter):
         if d_vocab is None:
             embed = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
             if embed is None:
-                raise ValueError("cannot tell the vocabulary size of this module (it has no "
+                raise OptionError("cannot tell the vocabulary size of this module (it has no "
                                  "nn.Embedding); pass sb.wrap(model, hookmap=..., d_vocab=N).")
             d_vocab = embed.num_embeddings
         self.d_vocab = int(d_vocab)

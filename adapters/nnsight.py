@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -29,15 +30,22 @@ from nnsight import save
 
 from saebridge.adapters.nnsight_remote import View, Visit, forward, generate
 from saebridge.adapters.nnsight_tl import UnifiedTransformer
+from saebridge.adapters.weights import align_hooks
 from saebridge.backends import SiteFn, build
-from saebridge.errors import UnknownHookError, UnsupportedArchitectureError
+from saebridge.errors import (
+    BackendError,
+    DeviceError,
+    UnknownHookError,
+    UnsupportedArchitectureError,
+)
 from saebridge.hookmap.convert import RawStats
 from saebridge.hookmap.site import Kind
 from saebridge.kernel.layout import Location
 
 Tensor = torch.Tensor
+When = tuple[int, int, tuple[int, ...]]
 
-_PROBES: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, str], tuple[int, int]]] = (
+_PROBES: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, str], When]] = (
     weakref.WeakKeyDictionary())
 NAMES = {"hf": "nnsight-hf", "transformer_lens": "nnsight-tl",
          "transformer_bridge": "nnsight-bridge"}
@@ -72,6 +80,7 @@ class NNsightAdapter:
         self.d_vocab, self.n_layers = self.inner.d_vocab, self.inner.n_layers
         self.model_name = self.inner.model_name
         self.remote = remote  # not False: nnsight_plan.adapter_for gives it a remote front
+        refuse_offloaded_first(envoy._module)
         self._when = _probe(envoy, self.inner.call_kwargs, self.inner.device)
 
     # ---- the Adapter protocol ---------------------------------------------------------
@@ -82,8 +91,24 @@ class NNsightAdapter:
         # A model kept on the meta device runs remotely; its tokens stay here.
         return torch.device("cpu") if device.type == "meta" else device
 
+    def device_of(self, name: str) -> torch.device:
+        """The device hook ``name`` computes on (the wrapped model's adapter says)."""
+        found = getattr(self.inner, "device_of", None)
+        return found(name) if found is not None else self.device
+
     def hook_names(self) -> list[str]:
-        return [n for n in self.inner.hook_names() if self._reached(self.locate(n))]
+        return [n for n in self.inner.hook_names() if self._reached(self.locate(n))
+                and not (self.remote and self._local_only(n))]
+
+    def _local_only(self, name: str) -> bool:
+        """Whether only a local run produces hook ``name``: one computed here (remote runs
+        carry no code), or one that needs eager attention the server's model lacks (only a
+        local run switches to it)."""
+        find = getattr(self.inner, "site", None)
+        if find is None:  # TransformerLens: its hooks are all modules
+            return False
+        site, eager = find(name), getattr(self.inner, "_eager", lambda: True)()
+        return site.derive is not None or (site.requires is not None and not eager)
 
     def kind(self, name: str) -> Kind:
         return self.inner.kind(name)
@@ -96,9 +121,15 @@ class NNsightAdapter:
 
     def run(self, tokens_BP: Tensor, edits: Mapping[str, SiteFn]) -> Tensor:
         visits, envoy = self.visits(self.site_fns(edits)), self.envoy
-        with envoy.trace(tokens_BP, **self.inner.call_kwargs) as tracer:
+        with self._attention_switch(edits), \
+                envoy.trace(tokens_BP, **self.inner.call_kwargs) as tracer:
             logits = save(forward(tracer, envoy, visits))
         return logits
+
+    def _attention_switch(self, edits: Mapping[str, SiteFn]) -> Any:
+        """The wrapped HF model's eager attention for a run reading scores or patterns."""
+        switch = getattr(self.inner, "_attention_switch", None)
+        return nullcontext() if switch is None else switch(edits)
 
     def generate(self, tokens_BP: Tensor, edits_for: Callable[[Tensor], Mapping[str, SiteFn]],
                  max_new_tokens: int) -> Tensor:
@@ -110,7 +141,8 @@ class NNsightAdapter:
         plan(tokens_BP)  # unknown hooks fail before the run
         envoy = self.envoy
         call, kwargs = self.generate_call(tokens_BP, max_new_tokens)
-        with envoy.trace(tokens_BP, fn=call, **kwargs) as tracer:
+        with self._attention_switch(edits_for(tokens_BP)), \
+                envoy.trace(tokens_BP, fn=call, **kwargs) as tracer:
             tracked = save(generate(tracer, envoy, plan, tokens_BP, max_new_tokens))
             result = save(tracer.result)
         return check_generated(result, tracked)
@@ -147,7 +179,8 @@ class NNsightAdapter:
             groups.setdefault((path, "input"), [])
         order = sorted(groups, key=lambda where: self._when[where][0])
         return [Visit(path, side, self._when[(path, side)][1], groups[(path, side)],
-                      "hidden_states" if side == "input" and path in stashed else None)
+                      "hidden_states" if side == "input" and path in stashed else None,
+                      self._when[(path, side)][2])
                 for path, side in order]
 
     def _reached(self, loc: Location) -> bool:
@@ -167,9 +200,28 @@ class NNsightAdapter:
         return call, kwargs
 
 
+def refuse_offloaded_first(module: torch.nn.Module) -> None:
+    """Refuse a dispatched model whose first parameter accelerate offloaded: nnsight moves a
+    trace's inputs to that parameter's device, which is then ``meta``.
+
+    Raises:
+        DeviceError: naming the parameter and what to keep on a device.
+    """
+    name, first = next(module.named_parameters(), (None, None))
+    if first is None or not first.is_meta or not any(align_hooks(m) for m in module.modules()):
+        return
+    raise DeviceError(
+        f"nnsight moves a trace's inputs to the device of the model's first parameter, "
+        f"{name!r}, which accelerate offloaded (it is on meta between forwards), so no "
+        "trace of this model can run. Keep the input embeddings on a device in the "
+        f"device_map (e.g. {{{name.rpartition('.')[0]!r}: 0}} or torch.device('cpu'); "
+        "device_map='auto' does), offloading later layers only; or wrap the HF model "
+        "itself (sb.wrap(hf_model)).")
+
+
 def check_generated(result: Tensor, tracked: Tensor) -> Tensor:
     if not torch.equal(result.to(tracked.device), tracked):
-        raise RuntimeError(
+        raise BackendError(
             "the model's generate chose other tokens than the greedy argmax of its logits, so "
             "interventions were planned for the wrong tokens; its generation config applies "
             "logits processors (repetition penalty, forced or suppressed tokens). Reset them "
@@ -178,9 +230,10 @@ def check_generated(result: Tensor, tracked: Tensor) -> Tensor:
 
 
 def _probe(envoy: Any, call_kwargs: Mapping[str, Any], device: torch.device
-           ) -> dict[tuple[str, str], tuple[int, int]]:
-    """``(path, io) -> (first event index, events per forward)`` from one forward on fake
-    tensors (nothing computed, works on a meta model), cached per wrapped module."""
+           ) -> dict[tuple[str, str], When]:
+    """``(path, io) -> (first event index, events per forward, every event index)`` from
+    one forward on fake tensors (nothing computed, works on a meta model; a real one for a
+    model dispatched by accelerate), cached per wrapped module."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     module = envoy._module
@@ -197,7 +250,11 @@ def _probe(envoy: Any, call_kwargs: Mapping[str, Any], device: torch.device
             handles.append(sub.register_forward_hook(
                 lambda *_, p=path: events.append((p, "output"))))
         interleaver.interleaving = False  # a probe inside a user's trace is not part of it
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        # accelerate's offload hooks cannot load weights under fake tensors: a dispatched
+        # model is probed by a real forward of two tokens (once per model).
+        fake = nullcontext() if any(align_hooks(m) for m in module.modules()) \
+            else FakeTensorMode(allow_non_fake_inputs=True)
+        with fake, torch.no_grad():
             tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
             module(tokens, **call_kwargs)
     finally:
@@ -206,8 +263,8 @@ def _probe(envoy: Any, call_kwargs: Mapping[str, Any], device: torch.device
             handle.remove()
     when: dict[tuple[str, str], tuple[int, int]] = {}
     for i, event in enumerate(events):
-        first, count = when.get(event, (i, 0))
-        when[event] = (first, count + 1)
+        first, count, at = when.get(event, (i, 0, ()))
+        when[event] = (first, count + 1, (*at, i))
     _PROBES[module] = when
     return when
 

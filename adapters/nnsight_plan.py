@@ -23,10 +23,11 @@ from nnsight import save
 from saebridge.adapters.nnsight import NNsightAdapter, check_generated, is_a
 from saebridge.adapters.nnsight_remote import Prepared, Visit, forward, generate, register
 from saebridge.engine import ActivationCache, Compiled, compile_steps
-from saebridge.errors import UnknownHookError, UnsupportedArchitectureError
-from saebridge.interventions import Intervention, Positions, Splice, Steer, expand
+from saebridge.errors import ArgumentTypeError, UnknownHookError, UnsupportedArchitectureError
+from saebridge.interventions import Intervention, Positions, Splice, Steer
 from saebridge.model import Model
 from saebridge.sae.model import SAE
+from saebridge.transcoders import expand
 
 Tensor = torch.Tensor
 
@@ -60,7 +61,7 @@ def remote_kwargs(adapter: NNsightAdapter) -> dict[str, Any]:
     if not isinstance(remote, (bool, str)):
         return {"backend": remote}  # an nnsight Backend object
     if not is_a(adapter.envoy, "nnsight.modeling.mixins.remotable.Remotable"):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"remote={remote!r} needs an nnsight model with a remote identity "
             f"(TransformersModel or LanguageModel); a {type(adapter.envoy).__name__} runs "
             "only locally. Wrap it without remote=, or pass an nnsight Backend.")
@@ -101,9 +102,12 @@ class RemoteModel(Model):
     """
 
     def _execute(self, tokens_BP: Tensor, ops: list[Intervention],
-                 cache: ActivationCache | None, names: list[str]) -> Tensor:
+                 cache: ActivationCache | None, names: list[str], stop: Any = None
+                 ) -> Tensor:
+        # stop: None here (saebridge.stop refuses stop_at_layer and stops nothing remotely)
         adapter: Any = self._adapter
-        compiled = compile_steps(adapter, ops, names, record=cache is not None)
+        compiled = compile_steps(adapter, ops, names, record=cache is not None,
+                                 tokens=tokens_BP)
         logits, store = run_remote(adapter, tokens_BP, visits_of(adapter, compiled,
                                                                  "a remote request"),
                                    compiled.store)
@@ -112,7 +116,7 @@ class RemoteModel(Model):
                 cache.record(key, value)
         return logits
 
-    def generate(self, tokens: Any, max_new_tokens: int,
+    def _generate(self, tokens: Any, max_new_tokens: int,
                  interventions: Sequence[Intervention] = (), saes: Sequence[SAE] = (),
                  use_error_term: bool = False) -> Tensor:
         """As :meth:`saebridge.Model.generate`, as one remote request."""
@@ -142,7 +146,7 @@ def in_trace_adapter(model: Any) -> NNsightAdapter:
     if isinstance(model, Model):
         model = getattr(model.adapter, "envoy", model)
     if not is_a(model, "nnsight.intervention.envoy.Envoy"):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"sb.splice/sb.steer run inside an nnsight trace of an nnsight model, got a "
             f"{type(model).__name__}. For other backends use model.run_with_saes / "
             "run_with_interventions, or read and write sites in `with sb.trace(model, tokens)`.")
@@ -166,6 +170,14 @@ def prepare_splice(model: Any, sae: SAE, use_error_term: bool = False) -> Prepar
     adapter = in_trace_adapter(model)
     return _prepare(adapter, expand([Splice(sae, use_error_term)]),
                     f"{sae.cfg.hook_name}.hook_sae_acts_post")
+
+
+def prepare(model: Any, interventions: list[Intervention]) -> Prepared:
+    """``interventions`` compiled together, as data: calling the result inside the model's
+    trace applies them and returns their records (``{hook}.hook_sae_acts_post`` …). Edits
+    compiled together see each other as a run does (a splice downstream of a steer sees
+    the mean the steer wrote); separately prepared ones each see only their own."""
+    return _prepare(in_trace_adapter(model), expand(list(interventions)), "*")
 
 
 def prepare_steer(model: Any, hook: str, vector: Tensor, coef: float = 1.0,

@@ -51,6 +51,10 @@ class Visit(NamedTuple):
     count: int
     views: list[View]
     stash: str | None = None
+    at: tuple[int, ...] = ()
+    """Where each occurrence falls among a forward's module events (from a probe), so that
+    occurrences of locations inside a module run several times (TransformerLens's ``ln1``,
+    once for each of q, k, v) are visited interleaved, as they happen."""
 
 
 def register() -> None:
@@ -88,10 +92,14 @@ def run_visits(tracer: Any, root: Any, visits: list[Visit], step: int) -> None:
     """Visit every location in execution order; ``tracer.iter`` pins each visit to its
     occurrence, so a location reached several times per forward is handled every time."""
     stash: dict[str, Tensor] = {}
-    for v in visits:
-        for j in range(v.count):
-            for _ in tracer.iter[step * v.count + j]:
-                visit(root, v, stash)
+    order = [(v.at[j] if len(v.at) == v.count else i, i, j)
+             for i, v in enumerate(visits) for j in range(v.count)]
+    if any(len(v.at) != v.count for v in visits):
+        order = [(i, i, j) for i, v in enumerate(visits) for j in range(v.count)]
+    for _, i, j in sorted(order):
+        v = visits[i]
+        for _ in tracer.iter[step * v.count + j]:
+            visit(root, v, stash)
 
 
 def read_logits(tracer: Any, root: Any, step: int) -> Tensor:
@@ -136,7 +144,8 @@ def visit(root: Any, v: Visit, stash: dict[str, Tensor]) -> None:
 
 class Prepared:
     """Interventions compiled for one model: ``prepared(model)`` applies them from inside a
-    trace of that model (locally or remotely) and returns the latents of a splice."""
+    trace of that model (locally or remotely) and returns the latents of a splice
+    (``result`` names the record; ``"*"``: the whole store; None: nothing)."""
 
     def __init__(self, visits: list[Visit], store: dict, result: str | None) -> None:
         self.visits, self.store, self.result = visits, store, result
@@ -145,4 +154,6 @@ class Prepared:
         stash: dict[str, Tensor] = {}
         for v in self.visits:
             visit(root, v, stash)
+        if self.result == "*":  # every record of the run
+            return self.store
         return None if self.result is None else self.store[self.result]

@@ -14,7 +14,7 @@ import torch
 from nnsight import NNsight
 from nnsight.intervention.envoy import traceable
 
-from saebridge.errors import TokensError
+from saebridge.errors import ArgumentTypeError, TokensError
 
 Tensor = torch.Tensor
 
@@ -52,8 +52,8 @@ class UnifiedTransformer(NNsight):
 
             model = from_hf(model, tokenizer=tokenizer, **from_hf_kwargs)
         elif from_hf_kwargs:
-            raise TypeError(f"{sorted(from_hf_kwargs)} apply when building from a Hugging Face "
-                            "model; this is already a HookedTransformer. Drop them.")
+            raise ArgumentTypeError(f"{sorted(from_hf_kwargs)} apply when building from a Hugging "
+                                    "Face model; this is already a HookedTransformer. Drop them.")
         super().__init__(model)
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
 

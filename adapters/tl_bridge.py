@@ -23,12 +23,19 @@ from typing import Any, ClassVar
 
 import torch
 
+from saebridge.adapters.derived import IgnoreMasked, refuse_raw_result
+from saebridge.adapters.weights import WeightReader
 from saebridge.backends import SiteFn
-from saebridge.errors import UnknownHookError, UnsupportedArchitectureError
+from saebridge.errors import (
+    ArgumentTypeError,
+    DeviceError,
+    UnknownHookError,
+    UnsupportedArchitectureError,
+)
 from saebridge.generate import greedy_call
 from saebridge.hookmap import hook_map, names, resolve, split
 from saebridge.hookmap.convert import RawStats
-from saebridge.hookmap.site import Kind
+from saebridge.hookmap.site import Kind, flag_message, flag_off
 from saebridge.hookmap.space import HF, ActivationSpace, in_force
 from saebridge.kernel.layout import Location
 
@@ -69,10 +76,10 @@ def bridge_from_hf(hf_model: Any, *, compatibility_mode: bool = False,
     """
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
-    from saebridge.adapters.hf import refuse_bridged
+    from saebridge.adapters.hf import hf_architecture, refuse_bridged
 
     refuse_bridged(hf_model)
-    arch = hf_model.config.architectures[0]
+    arch = hf_architecture(hf_model)  # a model built from a config lists no architectures
     hmap = hook_map(arch)
     hmap.check_config(hf_model.config)
     modules = dict(hf_model.named_modules())
@@ -84,19 +91,18 @@ def bridge_from_hf(hf_model: Any, *, compatibility_mode: bool = False,
             "does not support. Use the HF model itself (sb.wrap(hf_model)) or, with "
             "TransformerLens 3.x, saebridge.adapters.transformer_lens.from_hf(hf_model), "
             "which builds a HookedTransformer with normalization removed.")
+    _refuse_offloaded(hf_model)
     model = copy.deepcopy(hf_model)
-    stats = None
-    if hmap.tl_weights is not None:
-        sd = {k: v.detach() for k, v in model.state_dict().items()}
-        stats = RawStats.from_tl_weights(
-            hmap.tl_weights(sd, int(getattr(model.config, hmap.config["n_heads"]))))
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    stats = None if hmap.tl_weights is None else RawStats.from_tl_weights(
+        hmap.tl_weights(sd, int(getattr(model.config, hmap.config["n_heads"]))))
     bridge = build_bridge_from_module(model, arch, hf_config=model.config)
     space = HF
     if compatibility_mode:
         flags = {f: processing.get(f, True) for f in ActivationSpace().to_dict()}
         unknown_flags = set(processing) - set(flags)
         if unknown_flags:
-            raise TypeError(f"unknown processing flags {sorted(unknown_flags)}; valid: "
+            raise ArgumentTypeError(f"unknown processing flags {sorted(unknown_flags)}; valid: "
                             f"{sorted(flags)}.")
         bridge.enable_compatibility_mode(disable_warnings=True, **flags)
         space = _in_force(bridge, ActivationSpace(**flags))
@@ -105,6 +111,20 @@ def bridge_from_hf(hf_model: Any, *, compatibility_mode: bool = False,
     setattr(bridge, STATS_ATTR, stats)
     setattr(bridge, PRINT_ATTR, _fingerprint(bridge))
     return bridge.eval()
+
+
+def _refuse_offloaded(hf_model: Any) -> None:
+    """TransformerBridge reads (and in compatibility mode rewrites) every weight when it is
+    built, so it cannot take a model whose layers accelerate offloaded (meta)."""
+    offloaded = [n for n, p in hf_model.named_parameters() if p.is_meta]
+    if offloaded and WeightReader(hf_model).dispatched:
+        raise DeviceError(
+            f"cannot build a TransformerBridge over this dispatched model: accelerate "
+            f"offloaded {len(offloaded)} of its weights (e.g. {offloaded[0]!r}) to CPU or disk, "
+            "and a bridge reads and rewrites every weight when it is built. Wrap the HF model "
+            "itself (sb.wrap(hf_model)) or nnsight over it, which run offloaded layers; or "
+            "build a HookedTransformer with saebridge.adapters.transformer_lens.from_hf"
+            "(hf_model), which reads offloaded weights one at a time.")
 
 
 def _in_force(bridge: Any, space: ActivationSpace) -> ActivationSpace:
@@ -143,6 +163,14 @@ def detect_space(bridge: Any) -> ActivationSpace:
     ))
 
 
+NEVER_RUN: dict[str, tuple[str, ...]] = {
+    "GPTNeoXForCausalLM": ("attn.hook_rot_q", "attn.hook_rot_k"),
+}
+"""Hook points a TransformerBridge registers (in ``hook_dict``) but never runs, by HF
+architecture (measured on transformer-lens 3.9.0); left out of its hooks, and asking for
+one says so (the HF model computes them)."""
+
+
 class BridgeAdapter:
     """Adapter for a TransformerLens ``TransformerBridge`` (raw or compatibility mode)."""
 
@@ -158,7 +186,11 @@ class BridgeAdapter:
         self.model_name: str | None = None if name in (None, "external", "custom") else name
         self.space = detect_space(model)
         hooks = model.hook_dict  # the bridge's own names plus TransformerLens aliases
-        self._names = [n for n in names(self.map, self.n_layers) if n in hooks]
+        idle = NEVER_RUN.get(self.map.architectures[0], ())
+        self._names = [n for n in names(self.map, self.n_layers) if n in hooks
+                       and split(n)[1] not in idle
+                       and (self.space.fold_value_biases or not n.endswith("hook_result"))
+                       and flag_off(resolve(self.map, n, self.n_layers), model.cfg) is None]
         self._paths: dict[int, str] | None = None
         self._stats: RawStats | None = getattr(model, STATS_ATTR, None)
         if self._stats is None and self.space == HF:
@@ -172,12 +204,18 @@ class BridgeAdapter:
         return list(self._names)
 
     def kind(self, name: str) -> Kind:
-        kind = resolve(self.map, name, self.n_layers).kind  # unknown names: nearest listed
+        site = resolve(self.map, name, self.n_layers)  # unknown names: nearest listed
+        kind, flag = site.kind, flag_off(site, self.model.cfg)
+        if flag is not None:
+            raise UnknownHookError(flag_message(name, flag))
+        refuse_raw_result(name, self.space)
         if name not in self._names:
             raise UnknownHookError(
                 f"hook {name!r} is in the {self.map.architectures[0]} hook map but this "
-                "TransformerBridge does not provide it (not in bridge.hook_dict). Use one of "
-                "model.hook_names().")
+                "TransformerBridge does not run it (it is not in bridge.hook_dict, or the "
+                "bridge registers it but never runs it for this architecture). Use one of "
+                "model.hook_names(), or read it on the Hugging Face model "
+                "(`saebridge hooks` lists where each hook lives).")
         return kind
 
     def writable(self, name: str) -> bool:
@@ -192,8 +230,11 @@ class BridgeAdapter:
             self._paths = {id(m): p for p, m in self.model.named_modules()}
         hook = self.model.hook_dict[name]
         layer, rel = split(name)
+        convert = hook.hook_conversion
+        if rel == "attn.hook_attn_scores" and convert is None:
+            convert = IgnoreMasked  # masked scores are finfo.min outside compatibility mode
         return Location(self._paths[id(hook)], "output", writable=self.writable(name),
-                        convert=hook.hook_conversion,
+                        convert=convert,
                         companion=f"blocks.{layer}.hook_resid_post"
                         if rel == "hook_resid_mid" else None)
 
@@ -221,7 +262,8 @@ class BridgeAdapter:
         return self._stats.to(self.device, next(self.model.parameters()).dtype)
 
     def run(self, tokens_BP: Tensor, edits: Mapping[str, SiteFn]) -> Tensor:
-        fns = self.site_fns(edits)
+        fns = {n: IgnoreMasked.around(fn) if n.endswith("attn.hook_attn_scores") else fn
+               for n, fn in self.site_fns(edits).items()}
 
         def hook(fn: SiteFn):
             def bridge_hook(x: Tensor, hook: Any) -> Tensor:

@@ -14,13 +14,15 @@ from typing import Any, ClassVar
 
 import torch
 
+from saebridge.adapters.derived import refuse_raw_result
+from saebridge.adapters.weights import WeightReader
 from saebridge.backends import SiteFn
-from saebridge.errors import BackendNotInstalledError
+from saebridge.errors import BackendNotInstalledError, UnknownHookError
 from saebridge.generate import greedy_call
-from saebridge.hookmap import hook_map, names, resolve
+from saebridge.hookmap import hook_map, names, resolve, split
 from saebridge.hookmap.convert import RawStats
 from saebridge.hookmap.registry import TL_CONFIGS, tl_table
-from saebridge.hookmap.site import Kind
+from saebridge.hookmap.site import Kind, flag_message, flag_off
 from saebridge.hookmap.space import HF, ActivationSpace, in_force
 from saebridge.hookmap.tl_config import tl_fields
 from saebridge.kernel.layout import Location
@@ -68,10 +70,11 @@ def require_hooked_transformer() -> None:
             "'transformer-lens<4' for HookedTransformer.")
 
 
-def tl_config(hf_config: Any) -> Any:
-    """A ``HookedTransformerConfig`` equivalent to an HF config (no hub access)."""
+def tl_config(hf_config: Any, architecture: str | None = None) -> Any:
+    """A ``HookedTransformerConfig`` equivalent to an HF config (no hub access);
+    ``architecture`` names it where ``hf_config.architectures`` does not."""
     require_hooked_transformer()
-    arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
+    arch = architecture or (getattr(hf_config, "architectures", None) or ["?"])[0]
     fields = tl_fields(tl_table(arch), hf_config)
     fields["model_name"] = getattr(hf_config, "_name_or_path", "") or "custom"
     return HookedTransformerConfig(original_architecture=arch, **fields)
@@ -80,7 +83,7 @@ def tl_config(hf_config: Any) -> Any:
 def from_hf(hf_model: Any, *, fold_ln: bool = True, center_writing_weights: bool = True,
             center_unembed: bool = True, fold_value_biases: bool = True,
             tokenizer: Any | None = None, device: str | torch.device | None = None,
-            dtype: torch.dtype | None = None) -> Any:
+            dtype: torch.dtype | None = None, n_devices: int = 1) -> Any:
     """Build a HookedTransformer from an in-memory HF model, with no hub access.
 
     The HF model is never modified: weights are copied before processing. The processing
@@ -94,6 +97,8 @@ def from_hf(hf_model: Any, *, fold_ln: bool = True, center_writing_weights: bool
     Qwen2, Gemma-2). Under TransformerLens 4.x, which has no HookedTransformer, this raises
     :class:`~saebridge.errors.BackendNotInstalledError` naming the version.
 
+    Dispatched models (``device_map=``, offloaded layers) are read one weight at a time.
+
     >>> from saebridge.tiny import tiny_gpt2
     >>> hf_model, tok = tiny_gpt2()
     >>> tl = from_hf(hf_model, tokenizer=tok)                       # processed, as TL's default
@@ -102,21 +107,19 @@ def from_hf(hf_model: Any, *, fold_ln: bool = True, center_writing_weights: bool
     >>> tl.cfg.normalization_type, raw.cfg.normalization_type      # fold_ln leaves LNPre
     ('LNPre', 'LN')
     """
-    from saebridge.adapters.hf import refuse_bridged
+    from saebridge.adapters.hf import hf_architecture, refuse_bridged
 
     refuse_bridged(hf_model)
-    arch = hf_model.config.architectures[0]
-    cfg = tl_config(hf_model.config)
+    arch = hf_architecture(hf_model)  # a model built from a config lists no architectures
+    cfg = tl_config(hf_model.config, arch)
     hmap = hook_map(arch)
     hmap.check_config(hf_model.config)
-    param = next(hf_model.parameters())
-    cfg.dtype = dtype or param.dtype
-    cfg.device = str(device or param.device)
-    sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
-    weights = hmap.tl_weights(sd, cfg.n_heads)  # type: ignore[misc]
-    modules = dict(hf_model.named_modules())
-    if any(hmap.norms_removed(modules, prefix) for prefix in hmap.prefixes):
-        # Without norms, a huge-eps LayerNorm's bias is part of the value bias.
+    reader = WeightReader(hf_model)  # offloaded weights too, one at a time
+    cfg.dtype, cfg.n_devices = dtype or next(hf_model.parameters()).dtype, n_devices
+    cfg.device = str(device or reader.device("") or "cpu")
+    weights = hmap.tl_weights({k: reader[k].clone() for k in reader.keys()},  # type: ignore[misc]
+                              cfg.n_heads)
+    if any(hmap.norms_removed(reader.modules, prefix) for prefix in hmap.prefixes):
         weights = _remove_norms(weights, cfg)
     stats = RawStats.from_tl_weights(weights)
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=True)
@@ -140,24 +143,12 @@ def from_hf(hf_model: Any, *, fold_ln: bool = True, center_writing_weights: bool
 
 
 def _remove_norms(weights: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
-    """Weights of a LayerNorm-free model for a TransformerLens model without norms
-    (``normalization_type=None``; ``cfg`` is switched to it).
-
-    Norms replaced by ``nn.Identity`` left no weights. A LayerNorm with a huge ``eps``
-    computes ``(x - mean) * w / sqrt(eps) + b``: that affine map is folded into the
-    layers reading it (TransformerLens's ``fold_layer_norm`` with the gain divided by
-    ``sqrt(eps)``), and centring the reading weights does the mean subtraction, so the
-    residual stream itself is left as it is.
-    """
-    from transformer_lens.weight_processing import ProcessWeights
-
-    is_norm = (".ln1.", ".ln2.", "ln_final.")
-    if any(k.startswith("ln_final.") or ".ln1." in k for k in weights):
-        weights = {k: v / cfg.eps**0.5 if any(n in k for n in is_norm) and k.endswith(".w")
-                   else v for k, v in weights.items()}
-        weights = ProcessWeights.fold_layer_norm(weights, cfg, fold_biases=True,
-                                                 center_weights=True)
+    """Weights of a model whose norms were replaced by ``nn.Identity`` (they left no
+    weights) for a TransformerLens model without norms (``cfg`` is switched to
+    ``normalization_type=None``). A LayerNorm with a huge ``eps`` (gpt2_noLN) is not
+    removed: it still subtracts the mean, so TransformerLens keeps it, and centres."""
     cfg.normalization_type = None
+    is_norm = (".ln1.", ".ln2.", "ln_final.")
     return {k: v for k, v in weights.items() if not any(n in k for n in is_norm)}
 
 
@@ -202,17 +193,31 @@ class TLAdapter:
         self.model_name: str | None = None if model.cfg.model_name == "custom" \
             else model.cfg.model_name
         self.space = detect_space(model)
-        self._names = [n for n in names(self.map, self.n_layers) if n in model.hook_dict]
+        self._names = [n for n in names(self.map, self.n_layers) if n in model.hook_dict
+                       and flag_off(resolve(self.map, n, self.n_layers), model.cfg) is None
+                       and (self.space.fold_value_biases or not n.endswith("hook_result"))]
 
     @property
     def device(self) -> torch.device:
         return self.model.W_E.device
 
+    def device_of(self, name: str) -> torch.device:
+        """The device hook ``name`` computes on: its block's (``n_devices`` splits them)."""
+        self.kind(name)  # unknown names fail with the nearest ones listed
+        layer = split(name)[0]
+        return self.device if layer is None else next(self.model.blocks[layer].parameters()
+                                                      ).device
+
     def hook_names(self) -> list[str]:
         return list(self._names)
 
     def kind(self, name: str) -> Kind:
-        return resolve(self.map, name, self.n_layers).kind
+        site = resolve(self.map, name, self.n_layers)
+        flag = flag_off(site, self.model.cfg)
+        if flag is not None:
+            raise UnknownHookError(flag_message(name, flag))
+        refuse_raw_result(name, self.space)
+        return site.kind
 
     def writable(self, name: str) -> bool:
         return True
@@ -231,13 +236,20 @@ class TLAdapter:
         return greedy_call(self.model, n_new)
 
     def raw_stats(self) -> RawStats | None:
+        """The recorded constants, each layer's on the device of its block (TransformerLens
+        ``n_devices`` splits the blocks over GPUs)."""
         stats = getattr(self.model, STATS_ATTR, None)
         if stats is None and self.space == HF:
             stats = RawStats.from_tl_weights(self.model.state_dict())
             setattr(self.model, STATS_ATTR, stats)
         if stats is None:
             return None
-        return stats.to(self.device, self.model.cfg.dtype)
+        blocks = self.model.blocks
+
+        def device(layer: int | None) -> torch.device:
+            return self.device if layer is None else next(blocks[layer].parameters()).device
+
+        return stats.to(device, self.model.cfg.dtype)
 
     def run(self, tokens_BP: Tensor, edits: Mapping[str, SiteFn]) -> Tensor:
         def hook(fn: SiteFn):

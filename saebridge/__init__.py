@@ -26,16 +26,20 @@ from saebridge.errors import SAEBridgeError
 from saebridge.formats.info import SAEInfo, inspect
 from saebridge.hookmap.site import HookSpec
 from saebridge.hookmap.space import ActivationSpace
+from saebridge.in_trace import prepare, prepare_splice, prepare_steer, splice, steer
 from saebridge.interventions import Ablate, Clamp, Splice, Steer
+from saebridge.latent_stats import LatentStats, load_stats
+from saebridge.latents import cache_latents, show_latent
 from saebridge.model import ActivationCache, Model
 from saebridge.sae import SAE, SAEConfig
-from saebridge.trace import Trace, prepare_splice, prepare_steer, splice, steer, trace
+from saebridge.sae.foreign import as_sae
+from saebridge.trace import Trace, trace
 from saebridge.validation import Report, validate
 
 __version__ = "0.1.0"
 
 __all__ = ["SAE", "Ablate", "ActivationCache", "ActivationShards", "ActivationSpace", "Clamp",
-           "HookSpec", "Model", "Report", "SAEBridgeError", "SAEConfig", "SAEInfo", "Splice",
-           "Steer", "Trace", "cache_activations", "errors", "inspect", "prepare_splice",
-           "prepare_steer", "splice", "steer", "trace",
-           "validate", "wrap"]
+           "HookSpec", "LatentStats", "Model", "Report", "SAEBridgeError", "SAEConfig",
+           "SAEInfo", "Splice", "Steer", "Trace", "as_sae", "cache_activations", "cache_latents",
+           "errors", "inspect", "load_stats", "prepare", "prepare_splice", "prepare_steer",
+           "show_latent", "splice", "steer", "trace", "validate", "wrap"]

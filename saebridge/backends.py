@@ -214,7 +214,10 @@ def wrap(obj: Any, **kwargs: Any) -> Any:
 
 register(Backend("transformer_lens", ("transformer_lens.HookedTransformer.HookedTransformer",),
                  "saebridge.adapters.transformer_lens:TLAdapter", "tl",
-                 {"from_hf": "saebridge.adapters.transformer_lens:from_hf"}))
+                 {"from_hf": "saebridge.adapters.transformer_lens:from_hf",
+                  # TransformerLens's model surface on every backend (saebridge.tl_weights)
+                  **{f: f"saebridge.adapters.tl_surface:{f}"
+                     for f in ("config_fields", "canonical_weights")}}))
 register(Backend("transformer_bridge",
                  ("transformer_lens.model_bridge.bridge.TransformerBridge",  # TL 3.x
                   "transformer_lens.model_bridge.transformer_bridge.TransformerBridge"),  # 4.x
@@ -227,4 +230,5 @@ register(Backend("nnsight", ("nnsight.intervention.envoy.Envoy",),  # NNsight, L
                  "saebridge.adapters.nnsight_plan:adapter_for", "nnsight",
                  {"UnifiedTransformer": "saebridge.adapters.nnsight_tl:UnifiedTransformer",
                   **{f: f"saebridge.adapters.nnsight_plan:{f}"
-                     for f in ("splice", "steer", "prepare_splice", "prepare_steer")}}))
+                     for f in ("splice", "steer", "prepare", "prepare_splice",
+                               "prepare_steer")}}))

@@ -18,6 +18,10 @@ Layout of ``out_dir``::
                                     SAE latents as CSR rows: token i's active latents are
                                     col[crow[i]:crow[i+1]] (int32) with their values
       metadata: batch_start, batch_end (which input batches), n_tokens
+    latent_stats.safetensors    with latent_stats=True: per-SAE latent statistics (+ .json
+                                manifest; latent_stats_<n>.safetensors: those of the first
+                                n shards, for resuming)
+    rank_<r>/                   under torch.distributed: rank r's manifest, shards, statistics
 
 >>> import tempfile, saebridge as sb
 >>> from saebridge.tiny import tiny_gpt2
@@ -41,6 +45,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import operator
 import os
 import sys
 import warnings
@@ -49,14 +54,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from saebridge.backends import wrap
-from saebridge.errors import SAEBridgeError
+from saebridge.errors import ArgumentTypeError, IndexOutOfRangeError
 from saebridge.model import Model
 from saebridge.sae import SAE
+from saebridge.sae.foreign import as_sae
+from saebridge.streaming import CacheDirError, StreamRun
+from saebridge.streaming import read_batch as _read_batch
 
 Tensor = torch.Tensor
 SPEC_FILE = "saebridge_cache.json"
@@ -65,14 +73,12 @@ LATENTS = ".hook_sae_acts_post"
 log = logging.getLogger(__name__)
 
 
-class CacheDirError(SAEBridgeError, ValueError):
-    """An activation-cache folder that does not hold what the caller asks for."""
-
-
 def cache_activations(model: Any, token_batches: Iterable[Tensor], *, hooks: Sequence[str] = (),
                       saes: Sequence[SAE] = (), out_dir: str | os.PathLike[str],
                       tokens_per_shard: int = 2**14, dtype: torch.dtype | None = None,
-                      progress: bool | None = None) -> ActivationShards:
+                      progress: bool | None = None, context_size: int | None = None,
+                      batch_size: int = 8, latent_stats: bool | int = False, **packing: Any
+                      ) -> ActivationShards:
     """Stream activations at ``hooks`` and the latents of ``saes`` to safetensors shards.
 
     SAEs only read: each is spliced with its error term, so the model computes exactly its
@@ -82,8 +88,13 @@ def cache_activations(model: Any, token_batches: Iterable[Tensor], *, hooks: Seq
 
     Args:
         model: a :class:`saebridge.Model` or any object :func:`saebridge.wrap` accepts.
-        token_batches: LongTensors ``[batch, pos]``; with a ``len()``, the progress bar
-            shows the total.
+        token_batches: LongTensors ``[batch, pos]`` (with a ``len()``, the progress bar
+            shows the total); or, with ``context_size``, texts (a list, an iterable, a
+            ``datasets`` dataset, streaming too) packed as SAELens packs them, in batches of
+            ``batch_size`` windows (``**packing``: :func:`saebridge.datasets.token_batches`).
+        latent_stats: True (or a top-k count): statistics of every SAE latent, computed on
+            the fly; under torch.distributed each rank takes its share of the batches
+            (:mod:`saebridge.streaming`; read them with :func:`saebridge.load_stats`).
         hooks: canonical hook names whose activations (``[batch, pos, ...]``) are cached.
         saes: SAEs whose latents are cached, stored sparsely; at most one per hook.
         out_dir: folder of the shards (created if needed).
@@ -106,27 +117,41 @@ def cache_activations(model: Any, token_batches: Iterable[Tensor], *, hooks: Seq
     (6, 2)
     """
     wrapped: Model = wrap(model)  # a Model comes back as it is
-    hooks, saes = list(hooks), list(saes)
-    out = Path(out_dir)
-    spec = _spec(wrapped, hooks, saes, tokens_per_shard, dtype)
+    hooks, saes = list(hooks), [as_sae(s) for s in saes]  # SAELens & co.: shared
+    run = StreamRun(wrapped, token_batches, saes, context_size, batch_size, latent_stats, packing)
+    out = run.folder(Path(out_dir))
+    spec = {**_spec(wrapped, hooks, saes, tokens_per_shard, dtype), **run.spec}
     start_batch, n_shards = _prepare(out, spec)
+    run.resume(out, n_shards)
     bar = _progress_bar(progress, token_batches, start_batch)
-    buffer: list[dict[str, Tensor]] = []
-    first = start_batch
     try:
-        for index, tokens in enumerate(token_batches):
-            if index < start_batch:
-                continue  # written by an earlier run
-            buffer.append(_read_batch(wrapped, tokens, hooks, saes, dtype))
-            bar.update(1)
-            if sum(b["tokens"].numel() for b in buffer) >= tokens_per_shard:
-                _write_shard(out, n_shards, buffer, first, index + 1)
-                n_shards, first, buffer = n_shards + 1, index + 1, []
-        if buffer:
-            _write_shard(out, n_shards, buffer, first, first + len(buffer))
+        n_shards = _fill(run, out, lambda t: _read_batch(wrapped, t, hooks, saes, dtype), bar,
+                         start_batch, n_shards, tokens_per_shard)
     finally:
         bar.close()
+    run.finish(Path(out_dir), out, n_shards)
     return ActivationShards(out)
+
+
+def _fill(run: StreamRun, out: Path, read: Any, bar: Any, start_batch: int, n_shards: int,
+          tokens_per_shard: int) -> int:
+    """Read the batches from ``start_batch`` on into shards; the number of shards after."""
+    buffer: list[dict[str, Tensor]] = []
+    first = start_batch
+    for index, tokens in enumerate(run.batches):
+        if index < start_batch:
+            continue  # written by an earlier run
+        buffer.append(read(tokens))
+        run.observe(index, tokens, buffer[-1])
+        bar.update(1)
+        if sum(b["tokens"].numel() for b in buffer) >= tokens_per_shard:
+            run.commit(out, n_shards + 1, _write_shard, out, n_shards, buffer, first, index + 1)
+            n_shards, first, buffer = n_shards + 1, index + 1, []
+    if buffer:
+        run.commit(out, n_shards + 1, _write_shard, out, n_shards, buffer, first,
+                   first + len(buffer))
+        n_shards += 1
+    return n_shards
 
 
 def _spec(model: Model, hooks: list[str], saes: list[SAE], tokens_per_shard: int,
@@ -161,19 +186,44 @@ def _prepare(out: Path, spec: dict[str, Any]) -> tuple[int, int]:
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / SPEC_FILE
     if spec_path.exists():
-        found = json.loads(spec_path.read_text())
+        found = _read_spec(spec_path)
         if found != spec:
             raise CacheDirError(
                 f"{out} holds a cache of {found} but this run asks for {spec}. Resume with the "
                 "same hooks, SAEs, tokens_per_shard and dtype, or use another out_dir.")
     else:
         _atomic_write(spec_path, json.dumps(spec, indent=1).encode())
-    for stray in out.glob("*.tmp"):
-        stray.unlink()  # a shard whose write was interrupted: written again below
     shards = _list_shards(out)
+    # Shards are written one at a time, in order, each renamed into place before the next
+    # starts: the only file an interrupted run can have left is the next shard's temporary
+    # file. That one name is removed; nothing else in out_dir is touched (it may be yours).
+    torn = _tmp_path(_shard_path(out, len(shards)))
+    if torn.is_file():
+        torn.unlink()
     if not shards:
         return 0, 0
     return int(_metadata(shards[-1])["batch_end"]), len(shards)
+
+
+def _tmp_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place."""
+    return path.with_name(path.name + ".tmp")
+
+
+def _read_spec(path: Path) -> dict[str, Any]:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError, RecursionError) as err:
+        raise CacheDirError(
+            f"{str(path)!r} is not readable JSON ({type(err).__name__}: {err}), so what the "
+            "cache in that folder holds is unknown. Restore the file, or start over in a new "
+            "out_dir.") from err
+    if not isinstance(found, dict) or not {"hooks", "latents"} <= found.keys():
+        raise CacheDirError(
+            f"{str(path)!r} holds {str(found)[:200]}, not what cache_activations writes (an "
+            "object with hooks, latents, tokens_per_shard and dtype). Restore the file, or "
+            "start over in a new out_dir.")
+    return found
 
 
 def _list_shards(out: Path) -> list[Path]:
@@ -187,39 +237,27 @@ def _list_shards(out: Path) -> list[Path]:
 
 
 def _metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), "pt") as f:
-        return f.metadata()
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        int(meta["batch_end"]), int(meta["n_tokens"])
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise _bad_shard(path, err) from err
+    return meta
 
 
-def _read_batch(model: Model, tokens: Tensor, hooks: list[str], saes: list[SAE],
-                dtype: torch.dtype | None) -> dict[str, Tensor]:
-    tokens = model.tokens(tokens)  # the same checks as every run
-    _, cache = model.run_with_cache_with_saes(tokens, saes=saes, names=hooks,
-                                              use_error_term=True, sparse=True)
-    n_batch, n_pos = tokens.shape
-    rows: dict[str, Tensor] = {"tokens": tokens.reshape(-1).cpu()}
-    for hook in hooks:
-        acts = cache[hook]
-        if tuple(acts.shape[:2]) != (n_batch, n_pos):
-            raise CacheDirError(
-                f"hook {hook!r} gives activations of shape {tuple(acts.shape)}, not "
-                f"[batch, pos, ...] = [{n_batch}, {n_pos}, ...], so they cannot be stored per "
-                "token. Cache per-token hooks only (attention patterns are per query and key).")
-        rows[hook] = _cast(acts.reshape(n_batch * n_pos, *acts.shape[2:]), dtype).cpu()
-    for sae in saes:
-        key = sae.cfg.hook_name + LATENTS
-        coo = cache[key].coalesce()
-        batch_Z, pos_Z, col_Z = coo.indices()
-        crow = torch.zeros(n_batch * n_pos + 1, dtype=torch.long)
-        crow[1:] = torch.bincount(batch_Z * n_pos + pos_Z, minlength=n_batch * n_pos).cumsum(0)
-        rows[key + ".crow"] = crow
-        rows[key + ".col"] = col_Z.to(torch.int32).cpu()
-        rows[key + ".values"] = _cast(coo.values(), dtype).cpu()
-    return rows
+def _load_shard(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise _bad_shard(path, err) from err
 
 
-def _cast(x: Tensor, dtype: torch.dtype | None) -> Tensor:
-    return x.detach().to(dtype) if dtype is not None else x.detach()
+def _bad_shard(path: Path, err: BaseException) -> CacheDirError:
+    return CacheDirError(
+        f"cache shard {str(path)!r} is truncated or corrupt ({type(err).__name__}: {err}). "
+        "Delete it and every later shard, then rerun cache_activations with the same "
+        "arguments: it resumes from the first missing shard.")
 
 
 def _write_shard(out: Path, index: int, batches: list[dict[str, Tensor]], batch_start: int,
@@ -238,7 +276,7 @@ def _write_shard(out: Path, index: int, batches: list[dict[str, Tensor]], batch_
     meta = {"batch_start": str(batch_start), "batch_end": str(batch_end),
             "n_tokens": str(n_tokens)}
     path = _shard_path(out, index)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_path(path)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     _fsync(tmp)
     os.replace(tmp, path)  # atomic: the shard appears complete or not at all
@@ -248,7 +286,7 @@ def _write_shard(out: Path, index: int, batches: list[dict[str, Tensor]], batch_
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_path(path)
     tmp.write_bytes(data)
     _fsync(tmp)
     os.replace(tmp, path)
@@ -298,7 +336,7 @@ class ActivationShards(Dataset):
         if not spec_path.exists():
             raise CacheDirError(f"{self.root} has no {SPEC_FILE}, so it is not a cache that "
                                 "cache_activations wrote. Pass the out_dir of such a run.")
-        self.spec = json.loads(spec_path.read_text())
+        self.spec = _read_spec(spec_path)
         self.paths = _list_shards(self.root)
         sizes = [int(_metadata(p)["n_tokens"]) for p in self.paths]
         self._starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
@@ -310,7 +348,7 @@ class ActivationShards(Dataset):
     def shard(self, index: int) -> dict[str, Tensor]:
         """All of shard ``index``: activations ``[n, ...]``; latents as sparse CSR
         ``[n, d_sae]``."""
-        raw = load_file(str(self.paths[index]))
+        raw = _load_shard(self.paths[index])
         out = {k: v for k, v in raw.items() if not k.endswith((".crow", ".col", ".values"))}
         for lat in self.spec["latents"]:
             key = lat["key"]
@@ -322,12 +360,15 @@ class ActivationShards(Dataset):
         return out
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
+        i = _as_index(i)
         if not -len(self) <= i < len(self):
-            raise IndexError(f"token index {i} is out of range for {len(self)} cached tokens.")
+            raise IndexOutOfRangeError(f"token index {i!r} is out of range for {len(self)} "
+                                       f"cached tokens (valid: -{len(self)} to "
+                                       f"{len(self) - 1}, as for a list).")
         i %= len(self)
         index = bisect.bisect_right(self._starts, i) - 1
         if self._loaded is None or self._loaded[0] != index:
-            self._loaded = (index, load_file(str(self.paths[index])))
+            self._loaded = (index, _load_shard(self.paths[index]))
         raw, row = self._loaded[1], i - self._starts[index]
         item = {"tokens": raw["tokens"][row]}
         item.update({hook: raw[hook][row] for hook in self.spec["hooks"]})
@@ -338,3 +379,13 @@ class ActivationShards(Dataset):
             dense[raw[key + ".col"][lo:hi].long()] = raw[key + ".values"][lo:hi]
             item[key] = dense
         return item
+
+
+def _as_index(i: Any) -> int:
+    """``i`` as a Python int: ints and one-element integer tensors; never a float or a bool."""
+    if isinstance(i, Tensor):
+        if i.numel() == 1 and not i.dtype.is_floating_point and i.dtype != torch.bool:
+            return int(i)
+    elif not isinstance(i, bool) and hasattr(type(i), "__index__"):  # int, numpy integers
+        return operator.index(i)
+    raise ArgumentTypeError(f"token index must be an integer, got {i!r} ({type(i).__name__}).")

@@ -20,6 +20,7 @@ d_in                   64
 d_sae                  256
 k                      8
 activation_space       tl-processed
+space_source           model_from_pretrained_kwargs absent: from_pretrained defaults
 dtype                  float32
 model_name             None
 normalize_activations  none
@@ -32,7 +33,7 @@ import argparse
 import importlib.util
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,64 +41,18 @@ import torch
 
 import saebridge.formats as formats
 from saebridge.backends import entry, wrap
-from saebridge.errors import SAEBridgeError, UnsupportedArchitectureError, unknown
-from saebridge.model import Model
+from saebridge.errors import SAEBridgeError, SAESaveError, UnsupportedArchitectureError, unknown
+from saebridge.hookmap import names
+from saebridge.hookmap.site import Site, Unavailable
+from saebridge.validate_setup import (
+    BACKENDS,
+    installed_backends,
+    load_model,
+    models_for,
+    saes_for,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-UNPROCESSED = dict(fold_ln=False, center_writing_weights=False, center_unembed=False,
-                   fold_value_biases=False)
-
-
-def _tl(processed: bool) -> Callable[[Any, Any], Model]:
-    def build(hf: Any, tok: Any) -> Model:
-        from_hf = entry("transformer_lens", "from_hf")
-        return wrap(from_hf(hf, tokenizer=tok, **({} if processed else UNPROCESSED)))
-    return build
-
-
-def _hf(hf: Any, tok: Any) -> Model:
-    return wrap(hf, tokenizer=tok)
-
-
-def _bridge(compat: bool) -> Callable[[Any, Any], Model]:
-    def build(hf: Any, tok: Any) -> Model:
-        bridge_from_hf = entry("transformer_bridge", "bridge_from_hf")
-        return wrap(bridge_from_hf(hf, compatibility_mode=compat, tokenizer=tok))
-    return build
-
-
-def _nnsight_hf(hf: Any, tok: Any) -> Model:
-    import copy
-    import warnings
-
-    import nnsight
-
-    with warnings.catch_warnings():  # LanguageModel is deprecated in nnsight 0.8, still common
-        warnings.simplefilter("ignore", nnsight.NNsightDeprecationWarning)
-        # Copies: nnsight installs controllers on the modules and edits the tokenizer.
-        return wrap(nnsight.LanguageModel(copy.deepcopy(hf), tokenizer=copy.deepcopy(tok)))
-
-
-def _nnsight_tl(hf: Any, tok: Any) -> Model:
-    return wrap(entry("nnsight", "UnifiedTransformer")(hf, tokenizer=tok))
-
-
-BACKENDS: dict[str, tuple[str, Callable[[Any, Any], Model]]] = {
-    "hf": ("transformers", _hf),
-    "tl-processed": ("transformer_lens", _tl(processed=True)),
-    "tl-unprocessed": ("transformer_lens", _tl(processed=False)),
-    "bridge": ("transformer_lens", _bridge(compat=False)),
-    "bridge-compat": ("transformer_lens", _bridge(compat=True)),
-    "nnsight-hf": ("nnsight", _nnsight_hf),
-    "nnsight-tl": ("nnsight", _nnsight_tl),
-}
-"""Backend label → (the package it needs, a builder from an HF model and tokenizer)."""
-
-
-def installed_backends() -> list[str]:
-    return [n for n, (pkg, _) in BACKENDS.items() if importlib.util.find_spec(pkg)]
-
-
 class _Progress:
     """A progress bar on a terminal, plain lines otherwise (quiet with ``enabled=False``)."""
 
@@ -122,35 +77,8 @@ class _Progress:
             self.bar.close()
 
 
-def _default_saes(d_model: int) -> list[Any]:
-    """The built-in SAEs: three architectures, sites and training spaces."""
-    from saebridge.sae import SAE
-
-    return [
-        SAE.random("standard", d_model, 256, "blocks.0.hook_resid_post", seed=1,
-                   activation_space="tl-processed"),
-        SAE.random("topk", d_model, 256, "blocks.1.hook_attn_out", k=16, seed=2,
-                   activation_space="hf"),
-        SAE.random("jumprelu", d_model, 256, "blocks.1.attn.hook_z", seed=3,
-                   activation_space="tl-processed"),
-    ]
-
-
-def _load_model(path: str | None, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    if path is None:
-        from saebridge.tiny import tiny_gpt2
-
-        hf, tok = tiny_gpt2(seed=0)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
-        tok = AutoTokenizer.from_pretrained(path)
-    return hf.to(device=device, dtype=dtype).eval(), tok
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
-    from saebridge.sae import SAE
+    from saebridge.tolerance import ACTIVE_AGREEMENT, PRECISION_MULTIPLE
     from saebridge.validation import dumps, validate
 
     dtype = DTYPES[args.dtype]
@@ -159,26 +87,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if name not in BACKENDS:
             raise UnsupportedArchitectureError(unknown(
                 "backend", name, BACKENDS, "Pass --backends as a comma-separated list."))
-    hf, tok = _load_model(args.model, args.device, dtype)
-    models = {n: BACKENDS[n][1](hf, tok) for n in names}
-    first = models[names[0]]
-    if args.sae:
-        saes = [SAE.load(p, device=args.device, dtype=dtype) for p in args.sae]
-    else:
-        saes = [s.to(device=args.device, dtype=dtype) for s in _default_saes(hf.config.n_embd)]
+    models, exact, skipped = models_for(args.model, args.device, names, dtype)
+    first = next(iter(models.values()))
+    saes, saes32 = saes_for(args.sae, args.device, next(iter(exact.values()), first), dtype,
+                            args.sae_space)
     if args.tokens:
         gen = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, first.adapter.d_vocab, (1, args.tokens), generator=gen)
     else:
         tokens = first.to_tokens(args.prompt)
-    print(f"saebridge validate: {args.model or 'built-in tiny GPT-2'} on {args.device} "
-          f"({args.dtype}), {tokens.shape[1]} tokens, backends {', '.join(names)}, "
-          f"{len(saes)} SAE(s){'' if args.space_conversion else ', space conversion OFF'}")
-    total = len(names) * (1 + 4 * len(saes))
-    progress = _Progress(total, enabled=not args.quiet)
+    arch = getattr(getattr(first.adapter, "map", None), "architectures", ("?",))[0]
+    print(f"saebridge validate: {args.model or 'built-in tiny GPT-2'} ({arch}) on "
+          f"{args.device} ({args.dtype}), {tokens.shape[1]} tokens, backends "
+          f"{', '.join(models)}, {len(saes)} SAE(s)"
+          f"{'' if args.space_conversion else ', space conversion OFF'}")
+    for name, why in skipped.items():
+        print(f"left out: {name}: {why}")
+    if exact:
+        print(f"criterion ({args.dtype}): max|Δlogp| within {PRECISION_MULTIPLE[dtype]:g}× the "
+              f"precision's own error (the reference's {args.dtype} run vs its float32 run); "
+              f"latents' active sets overlapping ≥ {ACTIVE_AGREEMENT[dtype]:g}")
+    progress = _Progress(len(models) * (1 + 4 * len(saes)), enabled=not args.quiet)
     try:
         report = validate(models, tokens, saes, convert_spaces=args.space_conversion,
-                          progress=progress)
+                          progress=progress, references=exact or None,
+                          reference_saes=saes32 if exact else None)
     finally:
         progress.close()
     print(report.table())
@@ -188,12 +121,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    fmt = formats.detect_format(args.sae)
-    cfg = formats.read_config(args.sae, format=fmt)
+    from saebridge.formats.info import inspect
+
+    found = inspect(args.sae, activation_space=args.sae_space)
+    fmt, cfg = found.format, found.config
     info: dict[str, Any] = {
         "format": fmt, "architecture": cfg.architecture, "hook_name": cfg.hook_name,
         "hook_head_index": cfg.hook_head_index, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
-        "k": cfg.k, "activation_space": cfg.activation_space.name, "dtype": cfg.dtype,
+        "k": cfg.k, "activation_space": cfg.activation_space.name,
+        "space_source": found.space_source, "dtype": cfg.dtype,
         "model_name": cfg.model_name, "normalize_activations": cfg.normalize_activations,
     }
     if not args.config_only:
@@ -210,6 +146,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    source, out = Path(args.sae).resolve(), Path(args.out).resolve()
+    if out == source or (source.is_file() and out == source.parent):
+        # Writing over the files being converted: a failure halfway would lose the SAE.
+        raise SAESaveError(
+            f"convert would write its output {args.out!r} over its own source {args.sae!r}. "
+            "Pass a different output folder (and move it into place afterwards if wanted).")
     sae = formats.load(args.sae)
     formats.save(sae, args.out, format=args.to)
     print(f"wrote {args.to} SAE ({sae.cfg.architecture}, {sae.cfg.hook_name}) to {args.out}")
@@ -228,22 +170,42 @@ def _bridge_names(hf: Any, tok: Any) -> dict[str, str]:
 
 
 def cmd_hooks(args: argparse.Namespace) -> int:
-    hf, tok = _load_model(args.model, "cpu", torch.float32)
+    hf, tok = load_model(args.model, "cpu", torch.float32)
     adapter: Any = wrap(hf, tokenizer=tok).adapter
     bridge = _bridge_names(hf, tok)
     print("HookedTransformer and nnsight over TransformerLens use the canonical name itself; "
           "nnsight over HF reads the HF module's .input/.output.")
-    print(f"{'canonical (TransformerLens) name':<34}{'kind':<7}{'TransformerBridge hook':<30}"
+    print(f"{'canonical (TransformerLens) name':<34}{'kind':<7}{'TransformerBridge hook':<32}"
           "HF / nnsight module (side, element, layout)")
-    for name in adapter.hook_names():
+    for name in names(adapter.map, adapter.n_layers):
         site = adapter.site(name)
-        where = f"{adapter.prefix}{site.module} ({site.io}"
-        where += f", [{site.index}]" if site.index is not None else ""
-        where += f", {site.layout}" if site.layout != "flat" else ""
-        where += f", + input of {site.residual_from}" if site.residual_from else ""
-        where += ", read-only" if not site.writable else ""
-        print(f"{name:<34}{site.kind:<7}{bridge.get(name, '-'):<30}{where})")
+        print(f"{name:<34}{site.kind:<7}{bridge.get(name, '-'):<32}{_where(adapter, site)})")
+    missing = {rel: s.reason for table in (adapter.map.before_blocks, adapter.map.block,
+                                           adapter.map.after_blocks)
+               for rel, s in table.items() if isinstance(s, Unavailable)}
+    if missing:
+        print("\nNot produced on this model (blocks.{L}. omitted):")
+    for rel, reason in missing.items():
+        print(f"  {rel}: {reason}")
     return 0
+
+
+def _where(adapter: Any, site: Site) -> str:
+    """Where a site lives and how it is read, for ``saebridge hooks``."""
+    where = f"{adapter.prefix}{site.module} ({site.io}"
+    where += f", [{site.index}]" if site.index is not None else ""
+    where += f", {site.layout}" if site.layout != "flat" else ""
+    where += f", + input of {site.residual_from}" if site.residual_from else ""
+    where += f", computed: {site.derive}" if site.derive else ""
+    where += ", under eager attention (switched for the run)" if site.requires else ""
+    where += ", read-only" if not site.writable else ""
+    where += (f", not in a full cache (TransformerLens: cfg.{site.tl_flag}); ask for it by "
+              "name") if site.tl_flag else ""
+    return where
+
+
+SAE_SPACE_HELP = ("the activation space the SAE was trained in, overriding its file: "
+                  "tl-processed, hf, tl-unprocessed")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -252,6 +214,7 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check backends against each other on the same work")
     v.add_argument("--model", help="saved HF model folder (default: built-in tiny GPT-2)")
     v.add_argument("--sae", action="append", help="SAE path (repeatable; default: built-in)")
+    v.add_argument("--sae-space", help=SAE_SPACE_HELP + " (every --sae)")
     v.add_argument("--backends", help=f"comma-separated, from {', '.join(BACKENDS)} "
                    "(default: every installed)")
     v.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -269,6 +232,7 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe an SAE (format, site, space, norms)")
     i.add_argument("sae")
     i.add_argument("--config-only", action="store_true", help="read no weights")
+    i.add_argument("--sae-space", help=SAE_SPACE_HELP)
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
     c = sub.add_parser("convert", help="convert an SAE to another format")

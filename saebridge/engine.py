@@ -25,59 +25,33 @@ from typing import Any
 
 import torch
 
+from saebridge.activation_cache import ActivationCache
 from saebridge.errors import (
+    ArgumentTypeError,
     SAEConfigError,
     SpaceConversionError,
     TraceOrderError,
     UnknownHookError,
-    unknown,
 )
 from saebridge.hookmap.convert import (
     TRACKED_SITES,
     RawMeanTracker,
     RawStats,
     conversion,
+    edit_keys,
     needs_tracker,
 )
 from saebridge.hookmap.space import CANONICAL, ActivationSpace
-from saebridge.interventions import Intervention, Observe, SiteContext, ln_gain_bias
+from saebridge.interventions import Intervention, Observe, SiteContext, bypass_mask
 from saebridge.kernel import steps as S
 from saebridge.kernel.sae import SAEData
-from saebridge.kernel.spaces import Conv, forward
+from saebridge.kernel.spaces import Conv, forward, resolve, track
+from saebridge.transcoders import ln_gain_bias
 
 Tensor = torch.Tensor
 SiteFn = Callable[[Tensor], Tensor]
 """Called with a site's activation (native space, TransformerLens layout); returns the
 value the model goes on with (the same object when unchanged)."""
-
-
-class ActivationCache(dict[str, Tensor]):
-    """Cache keyed by canonical hook names; an unknown key lists the nearest ones."""
-
-    sparse: bool = False
-    """SAE latents (``hook_sae_acts_post``) stored as sparse COO tensors, and the dense
-    ``hook_sae_acts_pre`` left out (see :meth:`Model.run_with_cache_with_saes`)."""
-
-    def record(self, key: str, value: Tensor) -> None:
-        """Store one entry, as :attr:`sparse` asks."""
-        if self.sparse and key.endswith(".hook_sae_acts_pre"):
-            return
-        self[key] = value.to_sparse() if self.sparse and key.endswith(
-            ".hook_sae_acts_post") and not value.is_sparse else value
-
-    @property
-    def mode(self) -> str:
-        """The record mode an SAE splice uses for this cache (kernel ``ops.MODES``)."""
-        return "sparse" if self.sparse else "dense"
-
-    def __missing__(self, key: str) -> Tensor:
-        if self.sparse and key.endswith(".hook_sae_acts_pre"):
-            raise UnknownHookError(
-                f"cache key {key!r} is not kept by run_with_cache_with_saes(sparse=True): SAE "
-                "pre-activations are dense, d_sae wide per token. Run with sparse=False to "
-                "cache them.")
-        raise UnknownHookError(unknown("cache key", key, self.keys(),
-                                       "Ask for the hook in names=... when running."))
 
 
 # ---- the lock: one forward at a time per hooked model -------------------------------------
@@ -207,41 +181,53 @@ def plan(adapter: Any, tokens_BP: Tensor, ops: Sequence[Intervention],
             for rel in TRACKED_SITES:
                 name = f"blocks.{layer}.{rel}"
                 by_site.setdefault(name, []).append(Observe(name, tracker.observe))
+    result = Plan({}, cache)
     if cache is not None:
         def store(name: str, x: Tensor) -> None:
             conv = conversion(name, adapter.kind(name), adapter.space, CANONICAL, stats)
-            cache[name] = forward(conv, x).detach()
+            cache[name] = forward(resolve(conv, x, result.state), x).detach()
 
         for name in names:
             by_site.setdefault(name, []).append(Observe(name, store))
-    result = Plan({}, cache)
     for name, site_ops in by_site.items():
-        ctx = _context(adapter, name, cache, stats, tracker, result.state)
-        result.sites[name] = _site_fn(site_ops, ctx, tokens_BP.shape[0])
+        ctx = _context(adapter, name, cache, stats, tracker, result.state, tokens_BP)
+        result.sites[name] = _site_fn(site_ops, ctx, tokens_BP.shape[0],
+                                      tracked(adapter, name))
     return result
 
 
+def tracked(adapter: Any, name: str) -> tuple[str, ...]:
+    """The sums in a run's state an edit at ``name`` adds to
+    (:func:`~saebridge.hookmap.convert.edit_keys`): only an uncentred model's conversions
+    to a centred space read them."""
+    return () if adapter.space.center_writing_weights else edit_keys(name, adapter.kind(name))
+
+
 def _context(adapter: Any, name: str, cache: ActivationCache | None, stats: RawStats | None,
-             tracker: RawMeanTracker | None, state: dict[str, Any]) -> SiteContext:
+             tracker: RawMeanTracker | None, state: dict[str, Any], tokens_BP: Tensor
+             ) -> SiteContext:
     kind = adapter.kind(name)
 
     def convert(space: ActivationSpace, x: Tensor) -> Conv:
-        return conversion(name, kind, adapter.space, space, stats, tracker)
+        return resolve(conversion(name, kind, adapter.space, space, stats, tracker), x, state)
 
     return SiteContext(name=name, kind=kind, convert=convert,
                        record=cache.record if cache is not None else (lambda k, v: None),
                        mode=cache.mode if cache is not None else "none", raw_stats=stats,
-                       state=state)
+                       state=state, tokens=tokens_BP)
 
 
-def _site_fn(site_ops: list[Any], ctx: SiteContext, batch: int) -> SiteFn:
+def _site_fn(site_ops: list[Any], ctx: SiteContext, batch: int, keys: tuple[str, ...]
+             ) -> SiteFn:
     def fn(x: Tensor) -> Tensor:
         # The canonical layout has the batch first everywhere; a native value shared by the
         # batch (HF's position embeddings are [1, pos, d]) is broadcast.
         y = start = x.expand(batch, *x.shape[1:]) if x.dim() > 1 and x.shape[0] == 1 \
             and batch > 1 else x
         for op in site_ops:
-            y = op.apply(y, ctx)
+            before, y = y, op.apply(y, ctx)
+            if keys and op.writes:
+                track(ctx.state, keys, before, y)
         return x if y is start else y
     return fn
 
@@ -261,8 +247,8 @@ class _Compiler:
     """:class:`saebridge.interventions.StepCompiler` over an adapter: constant conversions
     only (a remote body cannot rebuild the raw mean from other sites)."""
 
-    def __init__(self, adapter: Any, mode: str) -> None:
-        self.adapter, self.mode = adapter, mode
+    def __init__(self, adapter: Any, mode: str, tokens: Tensor | None) -> None:
+        self.adapter, self.mode, self.tokens = adapter, mode, tokens
         self.stats = adapter.raw_stats()
         self._saes: dict[int, SAEData] = {}
 
@@ -296,6 +282,9 @@ class _Compiler:
         gain, bias = ln_gain_bias(self.stats, name, affine)
         return gain.detach(), bias.detach()
 
+    def bypass(self, token_ids: tuple[int, ...]) -> Tensor | None:
+        return bypass_mask(token_ids, self.tokens)
+
 
 FORWARD_METHODS = ("encode", "decode", "forward", "run", "forward_sparse")
 
@@ -313,25 +302,31 @@ def _refuse_own_math(sae: Any) -> None:
 
 
 def compile_steps(adapter: Any, ops: Sequence[Intervention], names: Iterable[str] = (),
-                  record: bool = False) -> Compiled:
-    """``ops`` (then caching ``names`` in the canonical space) as data.
+                  record: bool = False, tokens: Tensor | None = None) -> Compiled:
+    """``ops`` (then caching ``names`` in the canonical space) as data; ``tokens``, where
+    known, are the one forward's (for ``exclude_special_tokens``).
 
     Raises:
         TypeError: an intervention that is code, not data (it has no ``step``).
     """
     names = list(names)
     check(adapter, ops, names)
-    compiler = _Compiler(adapter, "dense" if record else "none")
+    compiler = _Compiler(adapter, "dense" if record else "none", tokens)
     store: dict[str, Tensor] = {}
     by_site: dict[str, list[Any]] = {}
     for op in ops:
         step = getattr(op, "step", None)
         if step is None:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{type(op).__name__} cannot run inside an nnsight trace kernel (remote runs): "
                 "it is code, not data the server can run. Remote runs take Splice, Steer, "
                 "Ablate and Clamp.")
         by_site.setdefault(op.hook, []).append(step(compiler))
     for name in names:
         by_site.setdefault(name, []).append(S.CacheStep(name, compiler.conv(name, CANONICAL)))
-    return Compiled({n: S.SiteSteps(n, steps, store) for n, steps in by_site.items()}, store)
+    state: dict[str, Tensor] = {}
+    order = {n: i for i, n in enumerate(adapter.hook_names())}
+    first = min(by_site, key=lambda n: order.get(n, len(order)), default=None)
+    return Compiled({n: S.SiteSteps(n, steps, store, state, tracked(adapter, n),
+                                    reset=n == first)
+                     for n, steps in by_site.items()}, store)

@@ -58,7 +58,46 @@ class BackendNotInstalledError(SAEBridgeError, ImportError):
 
 class TraceOrderError(SAEBridgeError, ValueError):
     """A hook asked for in a trace after the forward pass went past it, or never reached
-    (a hook name that is not valid at that point of the block)."""
+    (a hook name that is not valid at that point of the block); or a run of a model that
+    an open ``with sb.trace(...)`` block of the same thread holds paused."""
+
+
+class ArgumentTypeError(SAEBridgeError, TypeError):
+    """An argument of the wrong type: a float or bool where an integer index belongs,
+    ``None`` where a path belongs."""
+
+
+class BackendError(SAEBridgeError, RuntimeError):
+    """A backend that did something saebridge cannot work with (a ``generate`` that chose
+    other tokens than the greedy ones its interventions were planned for)."""
+
+
+class IndexOutOfRangeError(SAEBridgeError, IndexError):
+    """A feature, position, head or row index outside its range (negative indices are
+    refused, not read from the end)."""
+
+
+class DeviceError(SAEConfigError):
+    """A device that is not a torch device, is not available on this machine, or holds no
+    data (``meta``)."""
+
+
+class SAESaveError(SAEBridgeError, FileExistsError):
+    """Where an SAE is saved holds something else: a file, or an SAE of another format."""
+
+
+class OptionError(SAEBridgeError, ValueError):
+    """An option outside its valid values (``return_type``, ``padding_side``, …)."""
+
+
+class DatasetError(SAEBridgeError, ValueError):
+    """A data set a run cannot read as asked: no text column, windows longer than the
+    model's context, a resumption with other settings than the folder's manifest."""
+
+
+class UnsupportedError(SAEBridgeError, NotImplementedError):
+    """A TransformerLens or SAELens feature saebridge does not provide (on this backend):
+    backward hooks, sampling in ``generate``, hook functions that edit a remote run."""
 
 
 class ModelMismatchWarning(UserWarning):

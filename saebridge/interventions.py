@@ -17,21 +17,28 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from saebridge.errors import SAEConfigError, SpaceConversionError
+from saebridge.errors import ArgumentTypeError, SAEConfigError
 from saebridge.hookmap.convert import RawStats
-from saebridge.hookmap.lookup import split
 from saebridge.hookmap.site import Kind
 from saebridge.hookmap.space import ActivationSpace
 from saebridge.kernel import ops
 from saebridge.kernel import steps as S
-from saebridge.kernel.indexing import Positions, add_vector
+from saebridge.kernel.indexing import (
+    Positions,
+    add_vector,
+    as_index,
+    check_features,
+    check_number,
+    check_positions,
+    check_vector,
+)
 from saebridge.kernel.ops import SAE_HOOKS
 from saebridge.kernel.sae import SAEData
 from saebridge.kernel.spaces import Conv
+from saebridge.sae.foreign import as_sae
 
 if TYPE_CHECKING:
     from saebridge.sae.model import SAE
-    from saebridge.sae.transcoder import Transcoder
 
 Tensor = torch.Tensor
 
@@ -55,7 +62,10 @@ class SiteContext:
     """Constants of the model's unprocessed weights, where known (LayerNorm gains for
     transcoders that read a LayerNorm's output)."""
     state: dict[str, Any] = field(default_factory=dict)
-    """Per-forward state shared by the sites of one run (a transcoder's prediction)."""
+    """Per-forward state shared by the sites of one run (a transcoder's prediction, the
+    mean edits wrote into the residual stream)."""
+    tokens: Tensor | None = None
+    """The run's tokens ``[batch, pos]`` (for ``exclude_special_tokens``)."""
 
     @property
     def recording(self) -> bool:
@@ -79,6 +89,10 @@ class StepCompiler(Protocol):
         """The unprocessed gain and bias of LayerNorm ``affine`` in ``name``'s block."""
         ...
 
+    def bypass(self, token_ids: tuple[int, ...]) -> Tensor | None:
+        """The ``[batch, pos]`` mask of the run's tokens in ``token_ids`` (None: no ids)."""
+        ...
+
 
 class Intervention(Protocol):
     """Anything with a canonical ``hook`` and a pure ``apply`` at that hook (and, to run
@@ -95,9 +109,23 @@ class Intervention(Protocol):
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor: ...
 
 
-def _keep(ctx: SiteContext, hook: str, records: dict[str, Tensor]) -> None:
+def keep_records(ctx: SiteContext, hook: str, records: dict[str, Tensor]) -> None:
+    """Record an op's ``records`` (keys relative to ``hook``) in the run's cache."""
     for key, value in records.items():
         ctx.record(f"{hook}.{key}", value)
+
+
+def bypass_mask(token_ids: tuple[int, ...], tokens: Tensor | None) -> Tensor | None:
+    """Where ``tokens`` (``[batch, pos]``) holds one of ``token_ids``: the positions an SAE
+    with ``exclude_special_tokens`` leaves alone. None when there are no ids."""
+    if not token_ids:
+        return None
+    if tokens is None:
+        raise SAEConfigError(
+            "exclude_special_tokens needs the run's tokens, which this run does not know (a "
+            "remote generation, or interventions prepared for your own trace). Splice "
+            "without exclude_special_tokens there, or run it with model.run_with_saes.")
+    return torch.isin(tokens, torch.tensor(token_ids, device=tokens.device))
 
 
 @dataclass
@@ -106,11 +134,23 @@ class Splice:
 
     With ``use_error_term=True`` the SAE's error is added back, so the model's output is
     unchanged while every SAE hook (latents, reconstruction, error) is still recorded.
+    At positions holding one of ``exclude_tokens`` (token ids: SAELens's
+    ``exclude_special_tokens``) the activation is left as it is, with a zero error.
     """
 
     sae: SAE
-    use_error_term: bool = False
+    use_error_term: bool | None = False
+    """None: the SAE's own ``use_error_term`` (SAELens's default)."""
     writes: bool = True
+    exclude_tokens: tuple[int, ...] = ()
+    latent_hooks: tuple[tuple[str, Callable[[Tensor], Tensor]], ...] = ()
+    """``(key, fn)`` pairs run at the SAE's own hook points (``hook_sae_acts_post`` …), as
+    SAELens fires hooks there (see :func:`saebridge.kernel.ops.splice_hooked`)."""
+
+    def __post_init__(self) -> None:
+        if self.use_error_term is None:
+            self.use_error_term = bool(getattr(self.sae, "use_error_term", False))
+        self.sae = as_sae(self.sae)  # a SAELens/dictionary_learning/sparsify object: shared
 
     @property
     def hook(self) -> str:
@@ -118,14 +158,28 @@ class Splice:
 
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
         conv = ctx.convert(self.sae.cfg.activation_space, x)
-        new, records = ops.splice(self.sae.data(), x, conv, self.use_error_term, ctx.mode,
-                                  ctx.name, impl=self.sae)
-        _keep(ctx, self.hook, records)
+        bypass = bypass_mask(self.exclude_tokens, ctx.tokens)
+        if self.latent_hooks:
+            hooks: dict[str, list[Callable[[Tensor], Tensor]]] = {}
+            for key, fn in self.latent_hooks:
+                hooks.setdefault(key, []).append(fn)
+            new, records = ops.splice_hooked(self.sae.data(), x, conv, self.use_error_term,
+                                             ctx.name, hooks, impl=self.sae, bypass=bypass)
+        else:
+            new, records = ops.splice(self.sae.data(), x, conv, self.use_error_term, ctx.mode,
+                                      ctx.name, impl=self.sae, bypass=bypass)
+        keep_records(ctx, self.hook, records)
         return new
 
     def step(self, c: StepCompiler) -> S.SpliceStep:
+        if self.latent_hooks:
+            raise ArgumentTypeError(
+                f"hook functions at {self.hook!r}'s SAE hook points are code, which an nnsight "
+                "trace kernel (remote runs) cannot carry. Run them on a local model, or use "
+                "Ablate/Clamp, which are data.")
         return S.SpliceStep(c.sae(self.sae), self.use_error_term,
-                            c.conv(self.hook, self.sae.cfg.activation_space), c.mode)
+                            c.conv(self.hook, self.sae.cfg.activation_space), c.mode,
+                            c.bypass(self.exclude_tokens))
 
 
 def _features(features: Sequence[int] | int) -> list[int]:
@@ -147,6 +201,14 @@ class _LatentEdit:
     features: Sequence[int] | int
     positions: Positions = field(default=None, kw_only=True)
     writes: bool = field(default=True, kw_only=True)
+
+    def __post_init__(self) -> None:
+        self.sae = as_sae(self.sae)
+        # Checked and copied now: a float, bool or negative index would otherwise be read
+        # as another latent (1.7 as 1, -1 as the last), and a user's list edited later
+        # would change the edit.
+        self.features = check_features(self.features, self.sae.cfg.d_sae, self.sae.cfg.hook_name)
+        self.positions = check_positions(self.positions)
 
     @property
     def hook(self) -> str:
@@ -178,6 +240,10 @@ class Clamp(_LatentEdit):
 
     value: float = 0.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self.value, "Clamp value")
+
     def _value(self) -> float | None:
         return float(self.value)
 
@@ -199,19 +265,34 @@ class Steer:
     head_index: int | None = None
     writes: bool = field(default=True, init=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.hook, str):
+            raise ArgumentTypeError(f"Steer hook must be a hook name (str), got "
+                                    f"{self.hook!r} ({type(self.hook).__name__}).")
+        check_number(self.coef, "Steer coef")
+        # A copy: a view of W_dec (or of any tensor the caller keeps) would let a later
+        # in-place edit of either side change the other.
+        self.vector = check_vector(self.vector)
+        self.positions = check_positions(self.positions)
+        if self.head_index is not None:
+            self.head_index = as_index(self.head_index, "Steer head_index")
+
     @classmethod
     def from_sae(cls, sae: SAE, feature: int, coef: float = 1.0,
                  positions: Positions = None) -> Steer:
-        """Steer along the decoder direction of one SAE feature, at the SAE's hook.
+        """Steer along the decoder direction of one SAE feature, at the SAE's hook (the
+        vector is a copy of that row of ``W_dec``).
 
         >>> from saebridge.sae.model import SAE
         >>> sae = SAE.random("standard", 4, 8, "blocks.0.hook_resid_pre")
         >>> Steer.from_sae(sae, 3, coef=4.0).hook
         'blocks.0.hook_resid_pre'
         """
+        sae = as_sae(sae)
+        (index,) = check_features([feature], sae.cfg.d_sae, sae.cfg.hook_name)
         # A transcoder's latents write at its output site.
         hook = getattr(sae.cfg, "hook_name_out", sae.cfg.hook_name)
-        return cls(hook=hook, vector=sae.decoder_direction(feature).detach(), coef=coef,
+        return cls(hook=hook, vector=sae.decoder_direction(index), coef=coef,
                    positions=positions, head_index=sae.cfg.hook_head_index)
 
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
@@ -238,103 +319,6 @@ class Observe:
         return x
 
 
-# ---- transcoders: read one site, write another ------------------------------------------
-
-def _slot(sae: SAE) -> str:
-    return f"{sae.cfg.hook_name}->{getattr(sae.cfg, 'hook_name_out', '')}#{id(sae)}"
-
-
-def ln_gain_bias(stats: RawStats | None, name: str, affine: str) -> tuple[Tensor, Tensor]:
-    """The unprocessed gain and bias of LayerNorm ``affine`` (``ln1``/``ln2``) in the block of
-    hook ``name``: a transcoder reading that norm's output applies them to its input."""
-    found = stats.ln_affine(split(name)[0] or 0, affine) if stats is not None else None
-    if found is None:
-        raise SpaceConversionError(
-            f"transcoder at {name!r} reads the output of {affine} with its gain and bias, but "
-            "this model's unprocessed LayerNorm weights are unknown. Build the model with "
-            "saebridge.adapters.transformer_lens.from_hf(), or wrap an unprocessed one.")
-    return found
-
-
-@dataclass
-class TranscoderRead:
-    """Encodes the transcoder's input site and keeps the prediction; changes nothing."""
-
-    sae: Transcoder
-    writes: bool = False
-
-    @property
-    def hook(self) -> str:
-        return self.sae.cfg.hook_name
-
-    def _gain_bias(self, stats: RawStats | None) -> tuple[Tensor, Tensor] | None:
-        affine = self.sae.cfg.input_affine
-        return None if affine is None else ln_gain_bias(stats, self.hook, affine)
-
-    def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
-        conv = ctx.convert(self.sae.cfg.activation_space, x)
-        prediction, records = ops.transcoder_read(self.sae.data(), x, conv,
-                                                  self._gain_bias(ctx.raw_stats), ctx.mode,
-                                                  ctx.name,
-                                                  impl=self.sae)
-        _keep(ctx, self.hook, records)
-        ctx.state[_slot(self.sae)] = prediction
-        return x
-
-    def step(self, c: StepCompiler) -> S.ReadStep:
-        affine = self.sae.cfg.input_affine
-        return S.ReadStep(c.sae(self.sae), c.conv(self.hook, self.sae.cfg.activation_space),
-                          None if affine is None else c.gain_bias(self.hook, affine), c.mode,
-                          _slot(self.sae))
-
-
-@dataclass
-class TranscoderWrite:
-    """Replaces the transcoder's output site with the prediction made from its input."""
-
-    sae: Transcoder
-    use_error_term: bool = False
-    writes: bool = True
-
-    @property
-    def hook(self) -> str:
-        return self.sae.cfg.hook_name_out
-
-    def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
-        conv = ctx.convert(self.sae.cfg.activation_space, x)
-        new, records = ops.transcoder_write(self.sae.data(), x, conv,
-                                            ctx.state.pop(_slot(self.sae), None),
-                                            self.use_error_term, ctx.name)
-        _keep(ctx, self.sae.cfg.hook_name, records)
-        return new
-
-    def step(self, c: StepCompiler) -> S.WriteStep:
-        return S.WriteStep(c.sae(self.sae), c.conv(self.hook, self.sae.cfg.activation_space),
-                           self.use_error_term, c.mode, _slot(self.sae))
-
-
-def expand(ops_: Sequence[Intervention]) -> list[Intervention]:
-    """Interventions as the engine applies them: a :class:`Splice` of a transcoder becomes
-    a read at its input site and a write at its output site.
-
-    Raises:
-        SAEConfigError: a latent edit (Ablate/Clamp) of a transcoder, which is not supported.
-    """
-    out: list[Intervention] = []
-    for op in ops_:
-        sae = getattr(op, "sae", None)
-        if getattr(getattr(sae, "cfg", None), "hook_name_out", None) is None:
-            out.append(op)
-        elif isinstance(op, Splice):
-            out += [TranscoderRead(sae), TranscoderWrite(sae, op.use_error_term)]  # type: ignore[arg-type]
-        else:
-            raise SAEConfigError(
-                f"{type(op).__name__} of a transcoder is not supported: its latents are read at "
-                f"{sae.cfg.hook_name!r} but written at {sae.cfg.hook_name_out!r}. Splice it, or "
-                "steer its output site with Steer.from_sae().")
-    return out
-
-
 __all__ = [
     "SAE_HOOKS",
     "Ablate",
@@ -346,7 +330,4 @@ __all__ = [
     "Splice",
     "Steer",
     "StepCompiler",
-    "TranscoderRead",
-    "TranscoderWrite",
-    "expand",
 ]

@@ -9,16 +9,32 @@ a ``finally``. One forward pass runs at a time per wrapper (a lock); concurrent 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from saebridge.engine import ActivationCache, Plan, RunLock, SiteFn, lock_for, plan
+from saebridge.attach import AttachedSAEs, ExcludeSpecialTokens, one_per_hook
+from saebridge.engine import (
+    ActivationCache,
+    Plan,
+    RunLock,
+    SiteFn,
+    lock_for,
+    plan,
+    underlying,
+)
 from saebridge.errors import ModelMismatchWarning, TokensError
 from saebridge.hookmap.space import ActivationSpace
-from saebridge.interventions import Intervention, Splice, expand
+from saebridge.hooks import fold_latent_hooks
+from saebridge.interventions import Intervention, Splice
+from saebridge.stop import StopPoint
+from saebridge.stop import output as stop_output
+from saebridge.stop import prepare as prepare_stop
+from saebridge.stop import run as run_stopped
+from saebridge.tl_surface import TLSurface
+from saebridge.tl_weights import TLWeights
+from saebridge.transcoders import expand
 
 if TYPE_CHECKING:
     from saebridge.backends import Adapter
@@ -41,8 +57,23 @@ def same_model(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-class Model:
-    """A wrapped model of any backend (see :func:`saebridge.wrap`)."""
+def context_length(adapter: Adapter) -> int | None:
+    """The longest sequence the model under ``adapter`` takes (TransformerLens ``n_ctx``,
+    an HF config's ``n_positions``/``max_position_embeddings``); None when it says none."""
+    module = underlying(adapter)
+    for holder, attrs in ((getattr(module, "cfg", None), ("n_ctx",)),
+                          (getattr(module, "config", None),
+                           ("n_positions", "max_position_embeddings", "n_ctx"))):
+        for attr in attrs:
+            value = getattr(holder, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+class Model(AttachedSAEs, TLSurface, TLWeights):
+    """A wrapped model of any backend (see :func:`saebridge.wrap`); with TransformerLens's
+    surface (:mod:`saebridge.tl_surface`, :mod:`saebridge.tl_weights`)."""
 
     def __init__(self, adapter: Adapter) -> None:
         self._adapter = adapter
@@ -74,8 +105,10 @@ class Model:
 
     # ---- tokens -----------------------------------------------------------------------
 
-    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = True) -> Tensor:
-        """Token ids ``[batch, pos]``, with the BOS token first (the policy of every backend).
+    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = True,
+                  padding_side: str | None = None) -> Tensor:
+        """Token ids ``[batch, pos]``, with the BOS token first (the policy of every backend);
+        texts of different lengths padded as TransformerLens pads them (:meth:`_pad`).
 
         >>> import saebridge as sb
         >>> from saebridge.tiny import tiny_gpt2
@@ -94,17 +127,15 @@ class Model:
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if prepend_bos:
             ids = [[bos, *row] for row in ids]
-        if len({len(row) for row in ids}) != 1:
-            raise TokensError(f"texts tokenise to different lengths {[len(r) for r in ids]}; "
-                              "pass them one at a time or as an equal-length token tensor.")
-        return torch.tensor(ids, dtype=torch.long, device=self._adapter.device)
+        return torch.tensor(self._pad(ids, padding_side), dtype=torch.long,
+                            device=self._adapter.device)
 
     def tokens(self, tokens: TokensLike) -> Tensor:
         """``tokens`` checked and on the model's device: text is tokenised (BOS first), a
         1-D tensor becomes one batch row, ids must be in the vocabulary."""
         if isinstance(tokens, str) or (isinstance(tokens, Sequence) and tokens
                                        and isinstance(tokens[0], str)):
-            return self.to_tokens(tokens)  # type: ignore[arg-type]
+            return self._fits(self.to_tokens(tokens), 0)  # type: ignore[arg-type]
         if not isinstance(tokens, Tensor):
             raise TokensError(f"tokens must be a LongTensor [batch, pos] or text, got "
                               f"{type(tokens).__name__}.")
@@ -120,7 +151,19 @@ class Model:
             raise TokensError(f"token id {int(tokens[bad][0])} is out of the vocabulary "
                               f"[0, {self._adapter.d_vocab}). Tokenise with this model's "
                               "tokenizer.")
-        return tokens.long().to(self._adapter.device)
+        return self._fits(tokens.long().to(self._adapter.device), 0)
+
+    def _fits(self, tokens_BP: Tensor, n_new: int) -> Tensor:
+        """``tokens_BP``, refused when it (with ``n_new`` generated tokens) is longer than
+        the model's context (``n_ctx``), past which backends fail each in their own way."""
+        n_ctx = context_length(self._adapter)
+        if n_ctx is not None and tokens_BP.shape[1] + n_new > n_ctx:
+            asked = f"{tokens_BP.shape[1]} tokens" + (f" + {n_new} new" if n_new else "")
+            raise TokensError(
+                f"{asked} is longer than the model's context of n_ctx={n_ctx} positions. "
+                f"Pass at most {n_ctx} positions in all (truncate the input, or generate "
+                "fewer tokens).")
+        return tokens_BP
 
     # ---- the engine ---------------------------------------------------------------------
 
@@ -141,10 +184,14 @@ class Model:
         expanded), with ``names`` cached (see :func:`saebridge.engine.plan`)."""
         return plan(self._adapter, tokens_BP, self.ops(ops), cache, names)
 
-    def ops(self, ops: Sequence[Intervention] = ()) -> list[Intervention]:
-        """What a run applies: the attached SAEs' splices, then ``ops``, each transcoder
-        splice expanded into a read and a write (model-name mismatches warned)."""
-        all_ops: list[Intervention] = expand([*self._attached, *ops])
+    def ops(self, ops: Sequence[Intervention] = (), saes: Sequence[Splice] = ()
+            ) -> list[Intervention]:
+        """What a run applies: the attached SAEs' splices (one per hook: each of ``saes``
+        replaces the one at its hook for this run, as in SAELens), then ``ops``, each
+        transcoder splice expanded into a read and a write (model-name mismatches warned)."""
+        attached = one_per_hook(self._attached, saes)
+        all_ops: list[Intervention] = expand(fold_latent_hooks([*attached, *self._hook_fns,
+                                                                 *ops]))
         self._check_model_name(all_ops)
         return all_ops
 
@@ -163,35 +210,59 @@ class Model:
                     ModelMismatchWarning, stacklevel=4)
 
     def _run(self, tokens: TokensLike, ops: Sequence[Intervention],
-             names: Iterable[str] | None = None, cache: bool = False, sparse: bool = False
-             ) -> tuple[Tensor, ActivationCache]:
+             names: Iterable[str] | None = None, cache: bool = False, sparse: bool = False,
+             saes: Sequence[Splice] = (), stop_at_layer: int | None = None,
+             need_output: bool = True) -> tuple[Any, ActivationCache]:
+        """Logits (the residual at ``stop_at_layer``: :mod:`saebridge.stop`; None where
+        ``need_output`` is False and the run stopped after its last hook) and the cache."""
         toks = self.tokens(tokens)
-        store = ActivationCache() if cache else None
-        if store is not None:
-            store.sparse = sparse
         # Resolving every hook name costs ~2 ms on a 12-layer model: only when caching all.
         if names is None:
             names = self.hook_names() if cache else []
-        all_ops = self.ops(ops)
+        all_ops = self.ops(ops, saes)
+        stop = prepare_stop(self._adapter, stop_at_layer, need_output,
+                            [op.hook for op in all_ops], names)
+        store = ActivationCache() if cache or stop.added else None
+        if store is not None:
+            store.sparse = sparse
         with self._lock, torch.no_grad():
-            logits = self._execute(toks, all_ops, store, list(names))
-        return logits, store if store is not None else ActivationCache()
+            logits = self._execute(toks, all_ops, store, stop.names, stop.point)
+        store = store if store is not None else ActivationCache()
+        return stop_output(stop, store, logits), store
 
     def _execute(self, tokens_BP: Tensor, ops: list[Intervention],
-                 cache: ActivationCache | None, names: list[str]) -> Tensor:
-        """One forward of the engine's plan (the lock held); a remote front sends it."""
-        return self._adapter.run(tokens_BP, plan(self._adapter, tokens_BP, ops, cache,
-                                                 names).sites)
+                 cache: ActivationCache | None, names: list[str],
+                 stop: StopPoint | None = None) -> Tensor | None:
+        """One forward of the engine's plan (the lock held), ending after ``stop``'s hook;
+        a remote front sends it."""
+        return run_stopped(self._adapter, tokens_BP,
+                           plan(self._adapter, tokens_BP, ops, cache, names).sites, stop)
 
     # ---- the public runs ------------------------------------------------------------------
 
-    def __call__(self, tokens: TokensLike) -> Tensor:
-        """Logits ``[batch, pos, d_vocab]`` (native), with any attached SAEs spliced in."""
-        return self._run(tokens, [])[0]
+    def __call__(self, tokens: TokensLike, return_type: str | None = "logits",
+                 loss_per_token: bool = False, *, stop_at_layer: int | None = None) -> Any:
+        """Logits ``[batch, pos, d_vocab]`` (native), with any attached SAEs spliced in
+        (or, per ``return_type``, TransformerLens's loss: :meth:`_tl_out`); with
+        ``stop_at_layer``, the residual stream there (:mod:`saebridge.stop`)."""
+        toks = self.tokens(tokens)
+        out = self._run(toks, [], stop_at_layer=stop_at_layer,
+                        need_output=return_type is not None)[0]
+        return self._out(toks, out, return_type, loss_per_token, stop_at_layer)
 
-    def run_with_saes(self, tokens: TokensLike, saes: Sequence[SAE] = (),
-                      use_error_term: bool = False) -> Tensor:
-        """Logits with ``saes`` spliced in for this call only (on top of attached ones).
+    def _out(self, toks: Tensor, out: Any, return_type: str | None, loss_per_token: bool,
+             stop_at_layer: int | None) -> Any:
+        """As TransformerLens: the residual stream for ``stop_at_layer``, else ``return_type``."""
+        return out if stop_at_layer is not None else self._tl_out(toks, out, return_type,
+                                                                   loss_per_token)
+
+    def run_with_saes(self, tokens: TokensLike, saes: Sequence[SAE] | SAE = (),
+                      use_error_term: bool | None = None, *, return_type: str | None = "logits",
+                      loss_per_token: bool = False, stop_at_layer: int | None = None,
+                      exclude_special_tokens: ExcludeSpecialTokens = False) -> Any:
+        """Logits with ``saes`` spliced in for this call only: on top of attached ones, each
+        replacing an attached SAE at its hook for the run (one SAE per hook, as SAELens).
+        ``exclude_special_tokens`` (True, or token ids) bypasses them at those tokens.
 
         >>> import saebridge as sb
         >>> from saebridge.tiny import tiny_gpt2
@@ -203,20 +274,40 @@ class Model:
         >>> torch.equal(model(tokens), model(tokens)), torch.equal(spliced, model(tokens))
         (True, False)
         """
-        return self._run(tokens, [Splice(s, use_error_term) for s in saes])[0]
+        toks = self.tokens(tokens)
+        logits = self._run(toks, [], saes=self._splices(saes, use_error_term,
+                                                        exclude_special_tokens),
+                           stop_at_layer=stop_at_layer, need_output=return_type is not None)[0]
+        return self._out(toks, logits, return_type, loss_per_token, stop_at_layer)
 
-    def run_with_cache(self, tokens: TokensLike, names: Iterable[str] | None = None
-                       ) -> tuple[Tensor, ActivationCache]:
+    def run_with_cache(self, tokens: TokensLike, names: Iterable[str] | None = None, *,
+                       names_filter: Any = None, return_type: str | None = "logits",
+                       loss_per_token: bool = False, remove_batch_dim: bool = False,
+                       stop_at_layer: int | None = None,
+                       interventions: Sequence[Intervention] = ()
+                       ) -> tuple[Any, ActivationCache]:
         """Logits and a cache of ``names`` (default: every hook), keyed canonically and
         holding values in the canonical space (TransformerLens-processed), whatever the
-        backend. A value is the one the model goes on with, after any edit at that hook."""
-        return self._run(tokens, [], names, cache=True)
+        backend. A value is the one the model goes on with, after any edit at that hook.
+        ``names_filter``, ``return_type``, ``remove_batch_dim``: as TransformerLens's;
+        ``interventions`` (Steer, Ablate, Splice …) run while caching."""
+        toks, (names, keep) = self.tokens(tokens), self._tl_names(names, names_filter)
+        logits, cache = self._run(toks, list(interventions), names, cache=True,
+                                  stop_at_layer=stop_at_layer,
+                                  need_output=return_type is not None)
+        return (self._out(toks, logits, return_type, loss_per_token, stop_at_layer),
+                self._tl_cache(cache, keep, remove_batch_dim))
 
     def run_with_cache_with_saes(self, tokens: TokensLike, saes: Sequence[SAE] = (),
                                  names: Iterable[str] | None = None,
-                                 use_error_term: bool = False, sparse: bool = False
-                                 ) -> tuple[Tensor, ActivationCache]:
-        """Like :meth:`run_with_cache`, with SAEs spliced in; each adds
+                                 use_error_term: bool | None = None, sparse: bool = False, *,
+                                 names_filter: Any = None, return_type: str | None = "logits",
+                                 loss_per_token: bool = False, remove_batch_dim: bool = False,
+                                 exclude_special_tokens: ExcludeSpecialTokens = False,
+                                 stop_at_layer: int | None = None
+                                 ) -> tuple[Any, ActivationCache]:
+        """Like :meth:`run_with_cache`, with SAEs spliced in as :meth:`run_with_saes` does;
+        each adds
         ``f"{hook}.hook_sae_input|acts_pre|acts_post|recons|error|output"`` (in the SAE's
         own space) to the cache.
 
@@ -237,8 +328,14 @@ class Model:
         >>> latents.is_sparse, latents.indices().shape[0], latents.values().numel() <= 8 * n_tokens
         (True, 3, True)
         """
-        return self._run(tokens, [Splice(s, use_error_term) for s in saes], names, cache=True,
-                         sparse=sparse)
+        toks, (names, keep) = self.tokens(tokens), self._tl_names(names, names_filter)
+        logits, cache = self._run(toks, [], names, cache=True, sparse=sparse,
+                                  saes=self._splices(saes, use_error_term,
+                                                     exclude_special_tokens),
+                                  stop_at_layer=stop_at_layer,
+                                  need_output=return_type is not None)
+        return (self._out(toks, logits, return_type, loss_per_token, stop_at_layer),
+                self._tl_cache(cache, keep, remove_batch_dim))
 
     def run_with_interventions(self, tokens: TokensLike,
                                interventions: Sequence[Intervention]) -> Tensor:
@@ -256,11 +353,12 @@ class Model:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 0:
             raise TokensError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
-        return toks, self.ops([*(Splice(s, use_error_term) for s in saes), *interventions])
+        self._fits(toks, max_new_tokens)
+        return toks, self.ops(list(interventions), self._splices(saes, use_error_term))
 
-    def generate(self, tokens: TokensLike, max_new_tokens: int,
-                 interventions: Sequence[Intervention] = (), saes: Sequence[SAE] = (),
-                 use_error_term: bool = False) -> Tensor:
+    def _generate(self, tokens: TokensLike, max_new_tokens: int,
+                  interventions: Sequence[Intervention] = (), saes: Sequence[SAE] = (),
+                  use_error_term: bool | None = None) -> Tensor:
         """Greedy continuation ``[batch, pos + max_new_tokens]``, with ``saes`` spliced in
         and ``interventions`` applied at every step.
 
@@ -296,28 +394,3 @@ class Model:
             if decode is not None:
                 return decode(toks, edits_for, max_new_tokens)
             return greedy(lambda t: a.run(t, edits_for(t)), toks, max_new_tokens)
-
-    # ---- stateful SAEs ------------------------------------------------------------------
-
-    def add_sae(self, sae: SAE, use_error_term: bool = False) -> None:
-        """Attach an SAE: every later run through this wrapper splices it in."""
-        for hook in {sae.cfg.hook_name, getattr(sae.cfg, "hook_name_out", sae.cfg.hook_name)}:
-            self._adapter.kind(hook)  # unknown hooks fail now, not mid-forward
-        splice = Splice(sae, use_error_term)
-        self._check_model_name([splice])
-        self._attached.append(splice)
-
-    def reset_saes(self) -> None:
-        """Detach every attached SAE."""
-        self._attached.clear()
-
-    @contextmanager
-    def saes(self, saes: Sequence[SAE], use_error_term: bool = False) -> Iterator[Model]:
-        """Attach ``saes`` inside a ``with`` block; they are detached on exit, even on error."""
-        before = list(self._attached)
-        try:
-            for sae in saes:
-                self.add_sae(sae, use_error_term)
-            yield self
-        finally:
-            self._attached[:] = before

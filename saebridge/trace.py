@@ -26,117 +26,32 @@ from typing import Any, Literal
 
 import torch
 
-from saebridge.backends import entry, wrap
-from saebridge.errors import ShapeError, TraceOrderError, unknown
+from saebridge.backends import wrap
+from saebridge.engine import Plan, tracked
+from saebridge.errors import ArgumentTypeError, OptionError, ShapeError, TraceOrderError, unknown
 from saebridge.hookmap.convert import RawStats, conversion
 from saebridge.hookmap.space import CANONICAL
-from saebridge.kernel.indexing import Positions
-from saebridge.kernel.spaces import Conv, forward, shift_for
+from saebridge.hooks import HookFn, HookPoint, latent_base
+from saebridge.kernel.ops import SAE_HOOKS
+from saebridge.kernel.spaces import IDENTITY, Conv, forward, resolve, shift_for, track
 from saebridge.model import Model, TokensLike
-from saebridge.sae import SAE
+from saebridge.stop import reached, refuse_past, run_reading, stop_point
 
 Tensor = torch.Tensor
 SPACES = ("canonical", "native")
-
-
-def splice(model: Any, sae: SAE, use_error_term: bool = False) -> Tensor:
-    """Splice ``sae`` in at its hook from inside your own nnsight trace; its latents
-    (``hook_sae_acts_post``), real and saveable.
-
-    ``model`` is the nnsight model being traced (``LanguageModel``, ``NNsight`` over an HF
-    model or a HookedTransformer, :class:`~saebridge.adapters.nnsight.UnifiedTransformer`).
-    Call it where the model has not yet reached the SAE's hook. In a trace that runs
-    remotely, prepare it beforehand with :func:`prepare_splice`: a remote body may not
-    name ``saebridge`` or an SAE module.
-
-    >>> import saebridge as sb
-    >>> from nnsight import LanguageModel
-    >>> from saebridge.tiny import tiny_gpt2
-    >>> hf, tok = tiny_gpt2()
-    >>> lm = LanguageModel(hf, tokenizer=tok)
-    >>> sae = sb.SAE.random("topk", 64, 256, "blocks.1.hook_resid_pre", k=8)
-    >>> tokens = sb.wrap(lm).to_tokens("Hello world")
-    >>> with lm.trace(tokens):
-    ...     latents = sb.splice(lm, sae, use_error_term=False).save()
-    ...     logits = lm.output.logits.save()
-    >>> latents.shape[-1], torch.allclose(logits, sb.wrap(lm).run_with_saes(tokens, [sae]),
-    ...                                   atol=1e-5)
-    (256, True)
-    """
-    return entry("nnsight", "splice")(model, sae, use_error_term)
-
-
-def steer(model: Any, hook: str, vector: Tensor, coef: float = 1.0,
-          positions: Positions = None) -> None:
-    """Add ``coef * vector`` at canonical ``hook`` (at ``positions``) from inside your own
-    nnsight trace of ``model`` (see :func:`splice`).
-
-    >>> import saebridge as sb
-    >>> from nnsight import LanguageModel
-    >>> from saebridge.tiny import tiny_gpt2
-    >>> hf, tok = tiny_gpt2()
-    >>> lm = LanguageModel(hf, tokenizer=tok)
-    >>> sae = sb.SAE.random("topk", 64, 256, "blocks.1.hook_resid_pre", k=8)
-    >>> tokens = sb.wrap(lm).to_tokens("Hello world")
-    >>> with lm.trace(tokens):
-    ...     sb.steer(lm, "blocks.1.hook_resid_pre", sae.W_dec[12], coef=4.0)
-    ...     logits = lm.output.logits.save()
-    >>> steered = sb.wrap(lm).run_with_interventions(
-    ...     tokens, [sb.Steer("blocks.1.hook_resid_pre", sae.W_dec[12], 4.0)])
-    >>> torch.equal(logits, steered)
-    True
-    """
-    entry("nnsight", "steer")(model, hook, vector, coef, positions)
-
-
-def prepare_splice(model: Any, sae: SAE, use_error_term: bool = False) -> Any:
-    """:func:`splice` compiled to data beforehand, for a trace that runs remotely: the
-    body then names only the result (the server has no saebridge and no SAE module).
-
-    >>> import saebridge as sb
-    >>> from nnsight import LanguageModel
-    >>> from saebridge.tiny import tiny_gpt2
-    >>> hf, tok = tiny_gpt2()
-    >>> lm = LanguageModel(hf, tokenizer=tok)
-    >>> sae = sb.SAE.random("topk", 64, 256, "blocks.1.hook_resid_pre", k=8)
-    >>> splicer = sb.prepare_splice(lm, sae)
-    >>> with lm.trace("Hello world", remote="local"):  # remote=True sends it to NDIF
-    ...     latents = splicer(lm).save()
-    >>> latents.shape[-1]
-    256
-    """
-    return entry("nnsight", "prepare_splice")(model, sae, use_error_term)
-
-
-def prepare_steer(model: Any, hook: str, vector: Tensor, coef: float = 1.0,
-                  positions: Positions = None) -> Any:
-    """:func:`steer` compiled to data beforehand (one copied vector), for a remote trace.
-
-    >>> import saebridge as sb
-    >>> from nnsight import LanguageModel
-    >>> from saebridge.tiny import tiny_gpt2
-    >>> hf, tok = tiny_gpt2()
-    >>> lm = LanguageModel(hf, tokenizer=tok)
-    >>> sae = sb.SAE.random("topk", 64, 256, "blocks.1.hook_resid_pre", k=8)
-    >>> steerer = sb.prepare_steer(lm, "blocks.1.hook_resid_post", sae.W_dec[12], 8.0)
-    >>> with lm.trace("Hello world", remote="local"):  # remote=True sends it to NDIF
-    ...     steerer(lm)
-    ...     logits = lm.output.logits.save()
-    >>> logits.shape[-1] == hf.config.vocab_size
-    True
-    """
-    return entry("nnsight", "prepare_steer")(model, hook, vector, coef, positions)
 
 
 class _Aborted(BaseException):
     """Unwinds the forward thread when the block raised (BaseException: no handler eats it)."""
 
 
-def trace(model: Any, tokens: TokensLike, *, space: str = "canonical") -> Trace:
+def trace(model: Any, tokens: TokensLike, *, space: str = "canonical",
+          stop_at_layer: int | None = None) -> Trace:
     """Trace one forward pass of ``model`` (any backend, wrapped or not) on ``tokens``.
 
     ``space`` is ``"canonical"`` (TransformerLens-processed values, the same on every
-    backend) or ``"native"`` (the model's own activations).
+    backend) or ``"native"`` (the model's own activations). ``stop_at_layer``: the forward
+    stops there and ``t.logits`` is the residual stream there (:mod:`saebridge.stop`).
 
     >>> import saebridge as sb
     >>> from saebridge.tiny import tiny_gpt2
@@ -150,20 +65,21 @@ def trace(model: Any, tokens: TokensLike, *, space: str = "canonical") -> Trace:
     ((1, 4), False)
     """
     if space not in SPACES:
-        raise ValueError(f"trace space {space!r} is unknown; pass one of {SPACES}.")
+        raise OptionError(f"trace space {space!r} is unknown; pass one of {SPACES}.")
     model = wrap(model)
     if getattr(model.adapter, "remote", False) is not False:
-        raise TypeError("sb.trace runs the forward here, beside the block; a remote front "
+        raise ArgumentTypeError("sb.trace runs the forward here, beside the block; a remote front "
                         "(wrap(..., remote=...)) cannot. Trace the model wrapped without "
                         "remote=, or use the front's run methods.")
-    return Trace(model, tokens, space)
+    return Trace(model, tokens, space, stop_at_layer)
 
 
 class Trace:
     """One traced forward pass (see :func:`trace`). Not reentrant; one block per trace."""
 
-    def __init__(self, model: Model, tokens: TokensLike, space: str) -> None:
-        self.model, self.space = model, space
+    def __init__(self, model: Model, tokens: TokensLike, space: str,
+                 stop_at_layer: int | None = None) -> None:
+        self.model, self.space, self._stop = model, space, stop_point(model.adapter, stop_at_layer)
         self._tokens = model.tokens(tokens)
         self._cond = threading.Condition()
         self._request: tuple | None = None
@@ -176,18 +92,21 @@ class Trace:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._stats: RawStats | None = None
+        self._plan: Plan | None = None
         self._hold: Any = None
 
     # ---- the block's side ---------------------------------------------------------------
 
     def __enter__(self) -> Trace:
         if self._thread is not None:
-            raise RuntimeError("a Trace runs once; call sb.trace(model, tokens) again.")
+            raise TraceOrderError("a Trace runs once; call sb.trace(model, tokens) again.")
         a = self.model.adapter
         self._stats = a.raw_stats()
         # SAEs attached to the wrapper are spliced in as in every run; reads see their output.
-        attached = self.model.plan(self._tokens).sites
-        edits = {name: self._site(name, attached.get(name)) for name in a.hook_names()}
+        self._plan = self.model.plan(self._tokens, self._latent_ops())
+        attached = self._plan.sites
+        names = reached(a, self._stop, a.hook_names(), [op.hook for op in self.model.ops()])
+        edits = {name: self._site(name, attached.get(name)) for name in names}
         # Held until the block ends; running the model from the block would wait on the
         # paused forward, so the lock refuses that (for every wrapper of this model).
         self._hold = self.model.lock.paused()
@@ -223,7 +142,7 @@ class Trace:
     def __setitem__(self, name: str, value: Tensor) -> None:
         """Replace the activation at hook ``name`` (every time the model reaches it)."""
         name = self._check(name)
-        if not self.model.adapter.writable(name):
+        if latent_base(name) is None and not self.model.adapter.writable(name):
             raise TraceOrderError(f"hook {name!r} can be read but not written on the "
                                   f"{self.model.backend} backend. Write another hook.")
         self._ask(("write", name, value))
@@ -235,7 +154,7 @@ class Trace:
 
     @property
     def logits(self) -> Tensor:
-        """The logits; inside the block, runs the rest of the forward first."""
+        """The logits (residual for stop_at_layer); in the block, runs the rest first."""
         if not self._done:
             self._finish()
         if self._error is not None:
@@ -243,9 +162,22 @@ class Trace:
         assert self._logits is not None
         return self._logits
 
+    def _latent_ops(self) -> list[HookFn]:
+        """Functions at the attached SAEs' own hook points (``{hook}.hook_sae_acts_post`` …)
+        that pause there for the block, as the model's hooks do."""
+        return [HookFn(name, lambda act, point: self._site(point.name, None)(act),
+                       HookPoint(name, None))
+                for name in self._latent_names()]
+
+    def _latent_names(self) -> list[str]:
+        return [f"{s.hook}.{k}" for s in self.model.attached
+                if getattr(s.sae.cfg, "hook_name_out", None) is None for k in SAE_HOOKS]
+
     def _check(self, name: str) -> str:
-        names = self.model.hook_names()
-        if name not in names:
+        if latent_base(name) is not None and name in self._latent_names():
+            return name
+        refuse_past(self.model.adapter, self._stop, [name])
+        if name not in (names := self.model.hook_names()):
             from saebridge.errors import UnknownHookError
 
             raise UnknownHookError(unknown("hook", name, names, "Trace a hook of this model."))
@@ -294,7 +226,8 @@ class Trace:
     def _forward(self, edits: dict) -> None:
         try:
             with torch.no_grad():  # grad mode is per thread; the front runs without it
-                logits = self.model.adapter.run(self._tokens, edits)
+                logits = run_reading(self.model.adapter, self._tokens, edits, self._stop,
+                                     self._read)
             with self._cond:
                 self._logits = logits
         except _Aborted:
@@ -347,18 +280,26 @@ class Trace:
         self._cond.notify_all()
 
     def _read(self, name: str, x: Tensor) -> Tensor:
-        return forward(self._to(name), x).detach().clone()
+        return forward(self._to(name, x), x).detach().clone()
 
     def _write(self, name: str, x: Tensor, value: Tensor) -> Tensor:
         if tuple(value.shape) != tuple(x.shape):
             raise ShapeError(f"value of shape {tuple(value.shape)} written to hook {name!r}, "
                              f"whose activations are {tuple(x.shape)}. Write a tensor of that "
                              "shape.")
-        shift = shift_for(self._to(name), x)  # the write goes back minus the read's shift
+        shift = shift_for(self._to(name, x), x)  # the write goes back minus the read's shift
         value = value.to(x.device, x.dtype)
-        return value if shift is None else value - shift
+        new = value if shift is None else value - shift
+        assert self._plan is not None
+        if latent_base(name) is None:
+            track(self._plan.state, tracked(self.model.adapter, name), x, new)
+        return new
 
-    def _to(self, name: str) -> Conv:
+    def _to(self, name: str, x: Tensor) -> Conv:
         a = self.model.adapter
+        if latent_base(name) is not None:  # an SAE's own value, in the SAE's space
+            return IDENTITY
         dst = CANONICAL if self.space == "canonical" else a.space
-        return conversion(name, a.kind(name), a.space, dst, self._stats)
+        assert self._plan is not None
+        return resolve(conversion(name, a.kind(name), a.space, dst, self._stats), x,
+                       self._plan.state)

@@ -54,7 +54,7 @@ def test_detected_compacted_and_exact(tmp_path: Path, arch: str, k: int | None) 
     assert formats.detect_format(folder) == "saelens-blockdiag"
     sae = SAE.load(folder)
     assert isinstance(sae, BlockDiagSAE) and sae.cfg.n_heads == H
-    assert sae.W_enc.shape == (H, DH, M) and sae.W_dec.shape == (H, M, DH)
+    assert sae.W_enc_blocks.shape == (H, DH, M) and sae.W_dec_blocks.shape == (H, M, DH)
     assert sum(p.numel() for p in sae.parameters()) < sum(t.numel() for t in tensors.values())
     dense = SAE.load(folder, format="saelens")
     x = torch.randn(3, 5, H, DH, generator=torch.Generator().manual_seed(1))

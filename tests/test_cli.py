@@ -12,7 +12,8 @@ import pytest
 import saebridge as sb
 
 ROW_KEYS = {"run", "sae", "reference", "backend", "max_dlogprob", "kl", "same_active",
-            "max_dlatent", "tolerance", "passed"}
+            "max_dlatent", "tolerance", "passed", "active_agreement", "precision_error",
+            "backend_error", "error_vs_reference_fp32"}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

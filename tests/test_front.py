@@ -88,10 +88,11 @@ def test_cache_with_saes_has_saelens_keys(model, sae):
                 "hook_sae_error", "hook_sae_output"):
         assert f"{hook}.{key}" in cache
     assert cache[f"{hook}.hook_sae_acts_post"].shape[-1] == 128
-    # The hook's own value is what the model goes on with: the reconstruction (in the
-    # canonical space, where the residual stream is centred).
+    # The hook's own value is what the model goes on with: the reconstruction, as a
+    # processed TransformerLens model (the canonical space, the SAE's too) holds it — with
+    # the mean the reconstruction wrote, not re-centred.
     out = cache[f"{hook}.hook_sae_output"]
-    torch.testing.assert_close(cache[hook], out - out.mean(-1, keepdim=True), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cache[hook], out, atol=1e-5, rtol=0)
     with pytest.raises(UnknownHookError, match="Nearest valid"):
         cache[f"{hook}.hook_sae_act_post"]
 

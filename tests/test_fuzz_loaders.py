@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +57,38 @@ tensors = st.dictionaries(
     max_size=8)
 
 
+FILES = ("cfg.json", "sae_weights.safetensors", "sae.safetensors", "params.npz", "ae.pt",
+         "config.json", "activation_scaler.json")
+ITEMS = sorted({*SAELENS_KEYS, *SPARSIFY_KEYS, *TENSOR_NAMES, "trainer", "buffer", "dict_class",
+                "activation_dim", "dict_size", "layer", "lm_name", "fold_ln", "num_latents",
+                "d_sae", "d_out", "training_architecture_details", "submodule_name",
+                "activation_fn", "dtype"})
+"""What a message may name as the thing that is wrong: a config key or tensor name these
+tests write (or a loader requires)."""
+
+
+def _names(item: str, text: str) -> bool:
+    return re.search(rf"(?<![\w.]){re.escape(item)}(?![\w])", text) is not None
+
+
+def assert_error_names_file_and_fault(err: SAEBridgeError, path: Path) -> None:
+    """The oracle of a refusal: not merely "some saebridge error", but one whose message
+    names the file it was loading and what in it was wrong — a key or tensor by name, or
+    for a broken file, that file inside the folder and the cause."""
+    message = str(err)
+    assert str(path) in message, f"the error does not name {path}: {message}"
+    rest = message.replace(str(path), "<path>")
+    item = [name for name in ITEMS if _names(name, rest)]
+    inner = [name for name in FILES if _names(name, rest)]
+    assert item or ((inner or path.is_file()) and len(rest) > len("<path>") + 40), (
+        f"the error names no key, tensor or file in {path} as the fault: {message}")
+
+
 def assert_sane_or_saebridge_error(path: Path) -> None:
     try:
         sae = sb.SAE.load(path)
-    except SAEBridgeError:
+    except SAEBridgeError as err:
+        assert_error_names_file_and_fault(err, path)
         return
     # Loaded: it must be a consistent SAE that runs on its own width.
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae

@@ -65,9 +65,9 @@ def test_attached_saes_and_text_use_the_front(models):
     model = models("nnsight-hf")
     sae = interventions()[1][0]
     with model.saes([sae]):
-        attached = model.generate("Hello world", 3)
+        attached = model.generate("Hello world", 3, return_type="tokens")  # text: TL's str
     assert torch.equal(attached, model.generate(model.to_tokens("Hello world"), 3, saes=[sae]))
-    assert torch.equal(model.generate("Hello", 0), model.to_tokens("Hello"))
+    assert torch.equal(model.generate("Hello", 0, return_type="tokens"), model.to_tokens("Hello"))
     with pytest.raises(TokensError, match="max_new_tokens"):
         model.generate("Hello", -1)
 

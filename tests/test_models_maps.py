@@ -10,7 +10,7 @@ import torch
 
 import saebridge as sb
 from saebridge.errors import UnknownHookError, UnsupportedArchitectureError
-from saebridge.hookmap import hook_map, names
+from saebridge.hookmap import hook_map, names, resolve
 from saebridge.hookmap.registry import architecture_of, architectures
 from saebridge.hookmap.tl_config import tl_fields
 from saebridge.testing import Record
@@ -38,10 +38,12 @@ def test_every_site_resolves_on_a_config_built_model(arch):
     model = from_config(arch)
     hmap = hook_map(arch)
     wrapped = sb.wrap(model)
-    assert wrapped.hook_names() == names(hmap, 2)
+    # Hooks TransformerLens runs only under a cfg flag are left out of a full cache.
+    assert wrapped.hook_names() == [n for n in names(hmap, 2)
+                                     if resolve(hmap, n, 2).tl_flag is None]
     modules = dict(model.named_modules())
     prefix = wrapped.adapter.prefix
-    for name in wrapped.hook_names():
+    for name in names(hmap, 2):
         site = wrapped.adapter.site(name)
         assert prefix + site.module in modules, (name, site.module)
     tokens = torch.randint(1, 384, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -194,8 +196,8 @@ def test_the_sites_processing_changes_are_the_documented_ones(arch_models, famil
         native[key] = {}
         model.run_with_interventions(tokens, [Record(n, native[key]) for n in model.hook_names()])
     changed = {n.split(".", 2)[-1] if n.startswith("blocks.") else n
-               for n in native["hf"]
-               if (native["hf"][n] - native["processed"][n]).abs().max() > 1e-4}
+               for n in native["hf"] if n in native["processed"]  # NeoX bridge: no rot_q/k
+               and (native["hf"][n] - native["processed"][n]).abs().max() > 1e-4}
     assert changed == CHANGED_BY_PROCESSING[family]
     kinds = {n: hf.adapter.kind(n) for n in hf.hook_names()}
     assert {n.split(".", 2)[-1] if n.startswith("blocks.") else n

@@ -1,10 +1,14 @@
-"""LayerNorm-free models: one set of HF weights loaded into HF and into TransformerLens with
-normalization removed (and nnsight over the HF model), with the same logits, and
-activation spaces that centre nothing.
+"""LayerNorm-free models, two kinds.
 
-Two styles: apollo-research/gpt2_noLN's (LayerNorm gains ×1e6 with eps 1e12, so each
-LayerNorm is the affine map ``(x - mean) * w + b``), saved and reloaded with
-``save_pretrained``/``from_pretrained``; and LayerNorms replaced by ``nn.Identity``.
+apollo-research/gpt2_noLN's recipe (LayerNorm gains ×1e6 with eps 1e12, saved and reloaded
+with ``save_pretrained``/``from_pretrained``): each LayerNorm is the affine map
+``(x - mean) * w + b``. It no longer normalises but still subtracts the mean, so for
+activation spaces it is a LayerNorm: TransformerLens processing (default, and the model
+card's ``fold_ln=True, center_unembed=False``) centres the residual stream, and saebridge's
+canonical values are TransformerLens's own, on every backend.
+
+LayerNorms replaced by ``nn.Identity`` are removed: nothing absorbs a mean, processing
+centres nothing, and TransformerLens runs with ``normalization_type=None``.
 """
 
 from __future__ import annotations
@@ -52,9 +56,10 @@ def identity_style():
     return model
 
 
-@pytest.fixture(params=["eps", "identity"])
-def noln(request, eps_style, identity_style):
-    return eps_style if request.param == "eps" else identity_style
+@pytest.fixture
+def noln(identity_style):
+    """A model whose norms were removed (the norm-free tests below)."""
+    return identity_style
 
 
 def backends(hf) -> dict[str, sb.Model]:
@@ -137,10 +142,67 @@ def test_nnsight_over_the_same_weights(noln):
 
 
 def test_transformer_bridge_refuses_a_norm_free_model(noln):
-    """TransformerBridge cannot wrap removed norms (its NormalizationBridge needs a norm
-    weight): a clear refusal naming what works instead, not an AttributeError."""
+    """TransformerBridge cannot wrap norms replaced by nn.Identity (its NormalizationBridge
+    needs a norm weight): a clear refusal naming what works instead, not an AttributeError."""
     from saebridge.adapters.tl_bridge import bridge_from_hf
     from saebridge.errors import UnsupportedArchitectureError
 
     with pytest.raises(UnsupportedArchitectureError, match="from_hf"):
         bridge_from_hf(noln)
+
+
+# ---- the gpt2_noLN recipe: centring-only LayerNorms are LayerNorms ------------------------
+
+MODEL_CARD = dict(fold_ln=True, center_unembed=False)
+"""How the gpt2_noLN model card loads it into TransformerLens."""
+
+
+def test_the_recipe_still_subtracts_the_mean(eps_style):
+    ln = eps_style.transformer.h[0].ln_1
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ln(x + 5.0), ln(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loading", [{}, MODEL_CARD], ids=["default", "model-card"])
+def test_caches_are_transformer_lens_own(eps_style, loading):
+    """TransformerLens centres this model's residual stream; saebridge's canonical caches on
+    HF, nnsight and TransformerLens itself are TransformerLens's own numbers."""
+    nnsight = pytest.importorskip("nnsight")
+    tl = tla.from_hf(eps_style, **loading)
+    assert tl.cfg.normalization_type == "LNPre"
+    tokens = torch.randint(1, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    _, want = tl.run_with_cache(tokens)
+    assert want["blocks.1.hook_resid_mid"].mean(-1).abs().max() < 1e-5  # centred
+    for model in (sb.wrap(eps_style, tokenizer=TOK), sb.wrap(tl, tokenizer=TOK),
+                  sb.wrap(nnsight.NNsight(eps_style), tokenizer=TOK)):
+        assert model.adapter.kind("blocks.1.hook_resid_post") == "resid"
+        _, cache = model.run_with_cache(tokens)
+        assert set(cache) <= set(want)
+        for key, value in cache.items():
+            torch.testing.assert_close(value, want[key], atol=1e-4, rtol=1e-4,
+                                       msg=f"{key} on {model.backend}")
+        assert (model(tokens).log_softmax(-1) - eps_style(tokens).logits.log_softmax(-1)
+                ).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("loading", [{}, MODEL_CARD], ids=["default", "model-card"])
+def test_splices_equal_saelens(eps_style, loading):
+    """SAEs trained on the processed model spliced into HF, TransformerLens, nnsight and
+    both bridges give what SAELens gives on the processed TransformerLens model."""
+    from saebridge.adapters.tl_bridge import bridge_from_hf
+    from tests.oracle import Composition, reference, tl_model
+
+    saes = [sb.SAE.random("standard", 64, 32, "blocks.0.hook_resid_post", seed=3,
+                          activation_space="tl-processed"),
+            sb.SAE.random("topk", 64, 32, "blocks.1.hook_mlp_out", seed=4, k=4,
+                          activation_space="tl-processed")]
+    tokens = torch.randint(1, 384, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = tl_model(eps_style, TOK, "tl-processed")
+    want = reference(ref, Composition(saes=saes), tokens)
+    models = [sb.wrap(eps_style, tokenizer=TOK), sb.wrap(tla.from_hf(eps_style, **loading)),
+              sb.wrap(bridge_from_hf(eps_style, tokenizer=TOK)),
+              sb.wrap(bridge_from_hf(eps_style, tokenizer=TOK, compatibility_mode=True))]
+    for model in models:
+        got = model.run_with_saes(tokens, saes)
+        gap = (got.log_softmax(-1) - want.log_softmax(-1)).abs().max()
+        assert gap <= TOL, f"{model.backend} ({model.space.name}): {gap:.2e}"

@@ -19,6 +19,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import saebridge as sb
+from saebridge.adapters.tl_bridge import NEVER_RUN
 from saebridge.hookmap.registry import architecture
 from saebridge.hookmap.site import Site
 from saebridge.hookmap.tl_config import tl_fields
@@ -100,10 +101,17 @@ def test_every_cached_hook_is_canonical(arch_models, family, backend):
     tokens = model.to_tokens("Hello world, hello model and SAE")
     ref_logits, ref = arch_models(family, "bridge-compat", backend.device).run_with_cache(tokens)
     logits, cache = model.run_with_cache(tokens)
-    assert set(cache) == set(ref)
-    for name in ref:
+    assert set(cache) - bridge_idle(cache) == set(ref) - bridge_idle(ref)
+    for name in set(ref) & set(cache):
         torch.testing.assert_close(cache[name], ref[name], atol=5e-5, rtol=1e-4, msg=name)
     assert_same_logprobs(logits, ref_logits, backend.name)
+
+
+def bridge_idle(names) -> set[str]:
+    """The hooks among ``names`` that some TransformerBridge registers but never runs
+    (``NEVER_RUN``: NeoX's ``hook_rot_q/k``); the other backends produce them."""
+    idle = {rel for rels in NEVER_RUN.values() for rel in rels}
+    return {n for n in names if n.split(".", 2)[-1] in idle}
 
 
 @pytest.mark.backends("raw")  # only these compute HF's own (native) activations
@@ -119,7 +127,8 @@ def test_native_activations_agree_between_raw_backends(arch_models, family, back
     for name, m in (("model", model), ("hf", hf)):
         seen[name] = {}
         m.run_with_interventions(tokens, [Record(n, seen[name]) for n in m.hook_names()])
-    assert set(seen["model"]) == set(seen["hf"])
+    assert set(seen["model"]) - bridge_idle(seen["model"]) == \
+        set(seen["hf"]) - bridge_idle(seen["hf"])
     for name, value in seen["model"].items():
         torch.testing.assert_close(value, seen["hf"][name], atol=2e-5, rtol=1e-4,
                                    msg=f"{name} on {backend}")

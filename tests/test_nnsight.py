@@ -184,7 +184,7 @@ def test_unified_transformer_tokenises_traces_and_generates(models, tokenizer):
     torch.testing.assert_close(torch.cat([first, second]), cache["blocks.1.hook_resid_pre"])
     with ut.generate("Hello world", max_new_tokens=3, do_sample=False) as tracer:
         ids = tracer.result.save()
-    assert torch.equal(ids, model.generate("Hello world", 3))
+    assert torch.equal(ids, model.generate(ut.to_tokens("Hello world"), 3))
     with pytest.raises(TokensError, match="padding"), ut.trace() as tracer:
         with tracer.invoke("Hello world"):
             pass

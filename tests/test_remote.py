@@ -206,18 +206,19 @@ def test_requests_run_where_saebridge_is_not_installed(models, lm, tokens, tiny_
 
 def test_a_users_own_remote_trace_with_prepared_interventions(models, lm, tokens, tiny_dir,
                                                               tmp_path):
-    """sb.prepare_splice/prepare_steer: compiled beforehand, so the body names only data."""
+    """sb.prepare_splice/prepare_steer/prepare: compiled beforehand, so the body names only
+    data. Compiled together (sb.prepare), a splice sees the mean an upstream steer wrote."""
     resid = saes()[0]
     vector = torch.randn(64, generator=torch.Generator().manual_seed(8))
     splicer = sb.prepare_splice(lm, resid)
-    steerer = sb.prepare_steer(lm, "blocks.0.hook_resid_post", vector, 3.0, positions=[2])
+    steer = sb.Steer("blocks.0.hook_resid_post", vector, 3.0, positions=[2])
+    both = sb.prepare(lm, [steer, sb.Splice(resid)])
     want = models("nnsight-hf").run_with_cache_with_saes(
         tokens, [resid], names=[], use_error_term=False)[1][
         "blocks.1.hook_resid_mid.hook_sae_acts_post"]
     capture = Capture()
     with lm.trace(tokens, backend=capture):
-        steerer(lm)
-        latents = splicer(lm).save()
+        latents = both(lm)["blocks.1.hook_resid_mid.hook_sae_acts_post"].save()
         logits = lm.output.logits.save()
     ref = models("nnsight-hf").run_with_interventions(
         tokens, [sb.Steer("blocks.0.hook_resid_post", vector, 3.0, positions=[2]),

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from saebridge.errors import SAEFormatError, UnknownHookError
-from saebridge.formats._common import RAW_SPACE, device_dtype
+from saebridge.formats._common import RAW_SPACE, READ_ERRORS, device_dtype
 from saebridge.sae.config import SAEConfig
 from saebridge.sae.model import SAE
 
@@ -47,12 +47,16 @@ CONVENTION = ("layer_{L}/width_{W}/average_l0_{X}/params.npz under a gemma-scope
 
 def detect(path: Path) -> bool:
     file = _file(path)
-    if not file.is_file():
+    if file.suffix != ".npz" or not file.is_file():  # a .pt is a zip too: never opened here
         return False
-    try:
-        return all(k in _shapes(file) for k in KEYS)
-    except SAEFormatError:
-        return False
+    try:  # member names only: a broken header is then reported by load, precisely
+        with zipfile.ZipFile(file) as z:
+            members = set(z.namelist())
+    except READ_ERRORS:
+        # Not a readable zip. Under Gemma Scope's own file name it is a broken Gemma Scope
+        # file, which load reports with the cause; under any other name, not this format.
+        return file.name == FILENAME
+    return all(f"{k}.npy" in members for k in KEYS)
 
 
 def read_config(path: Path, hook_name: str | None = None) -> SAEConfig:
@@ -65,14 +69,15 @@ def read_config(path: Path, hook_name: str | None = None) -> SAEConfig:
 def load(path: Path, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, hook_name: str | None = None) -> SAE:
     file = _file(path)
-    cfg = _config(file, _shapes(file), hook_name)
+    cfg = _config(file, _shapes(file, whole=True), hook_name)
     # allow_pickle=False: object arrays are refused, never unpickled.
     try:
         with np.load(file, allow_pickle=False) as data:
             tensors = {k: torch.from_numpy(np.ascontiguousarray(data[k])) for k in KEYS}
-    except (ValueError, OSError, zipfile.BadZipFile) as err:
-        raise SAEFormatError(f"cannot read {str(file)!r} as an npz of plain arrays ({err})."
-                             ) from err
+    except READ_ERRORS as err:  # zlib.error from a corrupt compressed member, among others
+        raise SAEFormatError(f"cannot read {str(file)!r} as an npz of plain arrays "
+                             f"({type(err).__name__}: {err}). The file is truncated or "
+                             "corrupt; download it again.") from err
     dev, dt = device_dtype(device, dtype, tensors["W_enc"].dtype)
     cfg = dataclasses.replace(cfg, device=dev, dtype=dt)
     if cfg.metadata.get("gemma_scope_site") == "embedding":
@@ -117,21 +122,48 @@ def _file(path: Path) -> Path:
     return path / FILENAME if path.is_dir() else path
 
 
-def _shapes(file: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of each array, read from the .npy headers inside the zip."""
+def _shapes(file: Path, whole: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each array, read from the .npy headers inside the zip. With
+    ``whole`` (before loading), a header claiming more data than its member holds (a 4 TiB
+    array in a small file) is refused before anything is allocated."""
     out = {}
     try:
         with zipfile.ZipFile(file) as z:
-            for name in z.namelist():
-                with z.open(name) as f:
+            for info in z.infolist():
+                with z.open(info) as f:
                     version = np.lib.format.read_magic(f)
                     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                    else np.lib.format.read_array_header_2_0)
                     shape, _, dtype = read_header(f)
-                out[name.removesuffix(".npy")] = (tuple(shape), dtype)
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
-        raise SAEFormatError(f"{str(file)!r} is not an npz archive of arrays ({err}).") from err
+                    claimed = math.prod(shape) * dtype.itemsize
+                    if whole and claimed > info.file_size - f.tell():
+                        raise SAEFormatError(
+                            f"{str(file)!r}: array {info.filename!r} claims shape "
+                            f"{tuple(shape)} ({claimed} bytes of {dtype}) but its member holds "
+                            f"{info.file_size} bytes. The file is corrupt; download it again.")
+                out[info.filename.removesuffix(".npy")] = (tuple(shape), dtype)
+    except SAEFormatError:
+        raise
+    except READ_ERRORS as err:  # a zip of another kind: compression method, version, ...
+        raise SAEFormatError(f"{str(file)!r} is not an npz archive of arrays "
+                             f"({type(err).__name__}: {err}).") from err
     return out
+
+
+def _sizes(file: Path, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+    """``(d_in, d_sae)`` from the array shapes, refusing any that do not fit together."""
+    W_enc = shapes["W_enc"]
+    d_in, d_sae = W_enc if len(W_enc) == 2 else (-1, -1)
+    want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,),
+            "b_dec": (d_in,), "threshold": (d_sae,)}
+    for key, shape in want.items():
+        if shapes[key] != shape or min(shape) < 1:
+            raise SAEFormatError(
+                f"{str(file)!r}: array {key!r} has shape {shapes[key]}, which does not fit "
+                f"W_enc {W_enc}. A Gemma Scope params.npz holds W_enc [d_in, d_sae], W_dec "
+                "[d_sae, d_in], b_enc and threshold [d_sae] and b_dec [d_in]; the file is not "
+                "one, or is damaged.")
+    return d_in, d_sae
 
 
 def _config(file: Path, shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
@@ -140,7 +172,7 @@ def _config(file: Path, shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
     if missing:
         raise SAEFormatError(f"{str(file)!r} lacks {missing}; a Gemma Scope params.npz holds "
                              f"{', '.join(KEYS)}.")
-    d_in, d_sae = shapes["W_enc"][0]
+    d_in, d_sae = _sizes(file, {k: shapes[k][0] for k in KEYS})
     found = site_from_path(file)
     if hook_name is None and found is None:
         raise UnknownHookError(

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from saebridge.errors import BackendNotInstalledError, SAEFormatError
+from saebridge.formats._common import as_path, path_exists
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -34,16 +35,18 @@ def resolve(source: str | os.PathLike[str], subfolder: str | None = None) -> Pat
         SAEFormatError: nothing at the local path, or the hub fetch failed.
         BackendNotInstalledError: a hub id, but huggingface_hub is not installed.
     """
-    path = Path(os.fspath(source))
-    if path.exists() or not looks_like_repo_id(os.fspath(source)):
+    path = as_path(source)
+    if subfolder is not None:
+        as_path(subfolder, "subfolder")
+    if path_exists(path) or not looks_like_repo_id(os.fsdecode(os.fspath(source))):
         return path / subfolder if subfolder else path
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
         raise BackendNotInstalledError(
             f"{os.fspath(source)!r} is not a local path and looks like a hub id, but "
-            "huggingface_hub is not installed. Install it with: pip install huggingface_hub"
-        ) from err
+            f"huggingface_hub is not installed ({err}). Install it with: pip install "
+            "huggingface_hub") from err
     patterns = [f"{subfolder.strip('/')}/*"] if subfolder else None
     try:
         local = Path(snapshot_download(repo_id=os.fspath(source), allow_patterns=patterns))

@@ -17,18 +17,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from saebridge.errors import SAEConfigError, SAEFormatError
+from saebridge.formats._common import READ_ERRORS, parse_json
 from saebridge.sae.config import K_ARCHITECTURES, SAEConfig
 from saebridge.sae.model import SAE
-from saebridge.sae.params import dtype_name
+from saebridge.sae.params import dtype_name, torch_device
 
 SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -66,11 +68,7 @@ def load(path: Path, device: str | torch.device | None = None,
     cfg, finetuning = _parse(_read_json(folder / SAE_CFG_FILENAME))
     if isinstance(dtype, torch.dtype):
         dtype = dtype_name(dtype)
-    try:
-        device = str(torch.device(device or "cpu"))
-    except RuntimeError as err:
-        raise SAEConfigError(f"cannot load onto device {device!r} ({err}). Use e.g. 'cpu', "
-                             "'cuda' or 'cuda:1'.") from err
+    device = str(torch_device(device or "cpu"))  # before reading: a device error is no file's
     cfg = dataclasses.replace(cfg, device=device, dtype=dtype or cfg.dtype)
     tensors = _read_tensors(folder / SAE_WEIGHTS_FILENAME, cfg.device)
     sae = SAE(cfg, _convert_legacy_tensors(cfg, tensors, finetuning))
@@ -87,8 +85,10 @@ def save(sae: SAE, path: Path) -> None:
     try:  # before touching the disk, so a bad config leaves no half-written folder
         text = json.dumps(_unparse(sae.cfg), indent=2)
     except (TypeError, ValueError) as err:
-        raise SAEConfigError(f"the SAE config cannot be written as JSON ({err}). Keep metadata "
-                             "to JSON types: str, int, float, bool, None, list, dict.") from err
+        raise SAEConfigError(f"the SAE config cannot be written to "
+                             f"{str(path / SAE_CFG_FILENAME)!r} as JSON ({err}); nothing was "
+                             "written. Keep metadata to JSON types: str, int, float, bool, None, "
+                             "list, dict.") from err
     tensors = {name: p.detach().contiguous() for name, p in sae.named_parameters()}
     if sae.cfg.architecture == "batchtopk" and sae.cfg.rescale_acts_by_decoder_norm:
         _fold_decoder_norms(tensors)  # a SAELens jumprelu cannot rescale at run time
@@ -128,8 +128,11 @@ def _parse_v6(raw: dict[str, Any]) -> SAEConfig:
         if details:
             meta["training_architecture_details"] = details
     elif arch not in K_ARCHITECTURES:
-        meta.update({k: v for k, v in k_fields.items() if k not in meta})
-        k_fields = {}
+        # A null k / false rescale says nothing and is kept verbatim; a real value on an
+        # architecture without k goes to SAEConfig, which refuses it (never silently dropped).
+        unset = {key: v for key, v in k_fields.items() if v is None or v is False}
+        meta.update({key: v for key, v in unset.items() if key not in meta})
+        k_fields = {key: v for key, v in k_fields.items() if key not in unset}
     for key, value in raw.items():  # SAELens ignores other keys; keep them, in metadata
         if key not in (*_TOP_LEVEL, *_K_FIELDS, "metadata", "architecture"):
             meta.setdefault(key, value)
@@ -233,12 +236,7 @@ def _missing(path: Path) -> SAEFormatError:
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise _missing(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise SAEFormatError(f"{str(path)!r} is not valid JSON ({err}). Fix or re-save it."
-                             ) from err
+    return parse_json(path, "Fix or re-save it.")
 
 
 def _read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
@@ -247,10 +245,10 @@ def _read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
             return {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+    except READ_ERRORS as err:
         raise SAEFormatError(
-            f"cannot read {str(path)!r} as safetensors ({err}). The file is truncated, corrupt "
-            "or not safetensors; download or save it again.") from err
+            f"cannot read {str(path)!r} as safetensors ({type(err).__name__}: {err}). The file "
+            "is truncated, corrupt or not safetensors; download or save it again.") from err
 
 
 def _read_scaling_factor(folder: Path) -> float | None:
@@ -264,6 +262,12 @@ def _read_scaling_factor(folder: Path) -> float | None:
     if isinstance(factor, bool) or not isinstance(factor, int | float):
         raise SAEFormatError(f"{str(path)!r} must hold {{\"scaling_factor\": number or null}}, "
                              f"got {raw!r}. Fix or delete the file.")
+    if not math.isfinite(factor) or factor <= 0:
+        # Folded in, 0 or NaN would turn every reconstruction into NaN at run time.
+        raise SAEFormatError(
+            f"{str(path)!r} has scaling_factor {factor!r}; it must be a finite number > 0 "
+            "(SAELens's sqrt(d_in) / mean activation norm). Fix the file, or delete it if "
+            "the factor is already folded into the weights.")
     return float(factor)
 
 

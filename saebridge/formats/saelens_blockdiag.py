@@ -15,10 +15,11 @@ import copy
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 import saebridge.formats.saelens as saelens  # the leaf, not the formats registry
 from saebridge.errors import SAEBridgeError, SAEConfigError, SAEFormatError
+from saebridge.formats._common import READ_ERRORS
 from saebridge.sae.blockdiag import BlockDiagConfig, BlockDiagSAE, find_n_heads
 from saebridge.sae.config import SAEConfig
 from saebridge.sae.model import SAE
@@ -35,7 +36,7 @@ def detect(path: Path) -> bool:
     try:
         cfg = saelens.read_config(path)
         return cfg.is_hook_z and _n_heads(saelens._folder(path), cfg) is not None
-    except (SAEBridgeError, ValueError, KeyError):
+    except (SAEBridgeError, *READ_ERRORS):  # not readable as block-diagonal: load says why
         return False
 
 
@@ -88,8 +89,10 @@ def _n_heads(folder: Path, cfg: SAEConfig) -> int | None:
     try:
         with safe_open(str(folder / saelens.SAE_WEIGHTS_FILENAME), framework="pt") as f:
             W_enc, W_dec = f.get_tensor("W_enc"), f.get_tensor("W_dec")
-    except (SafetensorError, OSError) as err:
-        raise SAEFormatError(f"cannot read {str(folder)!r} weights ({err}).") from err
+    except READ_ERRORS as err:
+        raise SAEFormatError(f"cannot read W_enc and W_dec from "
+                             f"{str(folder / saelens.SAE_WEIGHTS_FILENAME)!r} "
+                             f"({type(err).__name__}: {err}).") from err
     if W_enc.dim() != 2 or W_dec.shape != W_enc.T.shape:
         return None
     return find_n_heads(W_enc, W_dec)

@@ -25,10 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from saebridge.errors import SAEConfigError, SAEFormatError, UnknownHookError
-from saebridge.formats._common import RAW_SPACE, alias_sides, device_dtype, read_json
+from saebridge.formats._common import (
+    RAW_SPACE,
+    READ_ERRORS,
+    alias_sides,
+    device_dtype,
+    read_json,
+)
 from saebridge.sae.config import SAEConfig
 from saebridge.sae.model import SAE
 from saebridge.sae.transcoder import Transcoder, TranscoderConfig
@@ -148,17 +154,20 @@ def _stored_dtype(path: Path) -> torch.dtype:
         with safe_open(str(path), framework="pt") as f:
             key = next(iter(f.keys()))
             return _ST_DTYPES.get(f.get_slice(key).get_dtype(), torch.float32)
-    except (SafetensorError, OSError, StopIteration) as err:
-        raise SAEFormatError(f"cannot read {str(path)!r} as safetensors ({err}).") from err
+    except (*READ_ERRORS, StopIteration) as err:  # StopIteration: a file with no tensors
+        raise SAEFormatError(f"cannot read {str(path)!r} as safetensors "
+                             f"({type(err).__name__}: {err}). The file is truncated, empty or "
+                             "corrupt; download it again.") from err
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise SAEFormatError(f"cannot read {str(path)!r} as safetensors ({err}). The file is "
-                             "truncated or corrupt; download it again.") from err
+    except READ_ERRORS as err:
+        raise SAEFormatError(f"cannot read {str(path)!r} as safetensors "
+                             f"({type(err).__name__}: {err}). The file is truncated or "
+                             "corrupt; download it again.") from err
     missing = [k for k in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if k not in tensors]
     if missing:
         raise SAEFormatError(

@@ -15,123 +15,19 @@ earlier activation (``hook_z`` for attention, ``mlp.hook_post`` for the MLP), so
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
-from typing import Any
-
 import torch
 
 from saebridge.errors import SpaceConversionError
 from saebridge.hookmap.lookup import split
+from saebridge.hookmap.rawstats import RawStats  # re-exported
 from saebridge.hookmap.site import Kind
 from saebridge.hookmap.space import ActivationSpace
-from saebridge.kernel.spaces import CENTER, IDENTITY, Conv
+from saebridge.kernel.spaces import IDENTITY, Conv
 
 Tensor = torch.Tensor
 
 TRACKED_SITES = ("attn.hook_z", "mlp.hook_post")
 """Per-block sites a :class:`RawMeanTracker` must observe (after any edits there)."""
-
-
-@dataclass
-class RawStats:
-    """Constants of a model's unprocessed weights that TransformerLens processing removes.
-
-    Value-bias statistics are per key/value head (``K`` heads: fewer than the query
-    heads under grouped-query attention); :meth:`value_offset` repeats them per query
-    head for ``hook_z``, as the model does. Models without learned positions, LayerNorm
-    biases or value biases have zeros there.
-    """
-
-    embed_mean_V: Tensor
-    """Mean over d_model of each unprocessed embedding row."""
-    pos_mean_P: Tensor | None
-    """Mean over d_model of each positional embedding row; None for rotary models."""
-    b_V_LKd: Tensor
-    """Value biases per layer and key/value head."""
-    ln1_b_W_V_LKd: Tensor
-    """``ln1.b @ W_V``: the part of the value bias that ``fold_ln`` adds."""
-    W_O_mean_LHd: Tensor
-    """Mean over d_model of the unprocessed ``W_O``."""
-    b_O_mean_L: Tensor
-    W_out_mean_LM: Tensor
-    """Mean over d_model of the unprocessed ``W_out``."""
-    b_out_mean_L: Tensor
-    ln1_w_LD: Tensor | None = None
-    """Unprocessed ``ln1`` gain per layer (``fold_ln`` moves it into the next weights), for
-    transcoders reading a LayerNorm's output; None without LayerNorms."""
-    ln1_b_LD: Tensor | None = None
-    ln2_w_LD: Tensor | None = None
-    ln2_b_LD: Tensor | None = None
-
-    @classmethod
-    def from_tl_weights(cls, w: Mapping[str, Tensor]) -> RawStats:
-        """Statistics from unprocessed weights in TransformerLens layout (grouped-query
-        models keep k/v under ``_W_V``/``_b_V``, as TransformerLens does)."""
-        n_layers = 1 + max(int(k.split(".")[1]) for k in w if k.startswith("blocks."))
-        layers = range(n_layers)
-
-        def stack(fn) -> Tensor:
-            return torch.stack([fn(f"blocks.{i}.") for i in layers])
-
-        def get(p: str, name: str) -> Tensor:
-            return w[p + name] if p + name in w else w[p + name.replace(".", "._", 1)]
-
-        def ln1_b_W_V(p: str) -> Tensor:
-            W_V = get(p, "attn.W_V")
-            if p + "ln1.b" not in w:  # RMSNorm or no norm: no bias to fold
-                return W_V.new_zeros(W_V.shape[0], W_V.shape[2])
-            return torch.einsum("d,hde->he", w[p + "ln1.b"], W_V)
-
-        with torch.no_grad():
-            return cls(
-                embed_mean_V=w["embed.W_E"].mean(-1),
-                pos_mean_P=w["pos_embed.W_pos"].mean(-1) if "pos_embed.W_pos" in w else None,
-                b_V_LKd=stack(lambda p: get(p, "attn.b_V")),
-                ln1_b_W_V_LKd=stack(ln1_b_W_V),
-                W_O_mean_LHd=stack(lambda p: w[p + "attn.W_O"].mean(-1)),
-                b_O_mean_L=stack(lambda p: w[p + "attn.b_O"].mean()),
-                W_out_mean_LM=stack(lambda p: w[p + "mlp.W_out"].mean(-1)),
-                b_out_mean_L=stack(lambda p: w[p + "mlp.b_out"].mean()),
-                ln1_w_LD=_stack_ln(w, n_layers, "ln1", "w"),
-                ln1_b_LD=_stack_ln(w, n_layers, "ln1", "b"),
-                ln2_w_LD=_stack_ln(w, n_layers, "ln2", "w"),
-                ln2_b_LD=_stack_ln(w, n_layers, "ln2", "b"),
-            )
-
-    def ln_affine(self, layer: int, ln: str) -> tuple[Tensor, Tensor] | None:
-        """The unprocessed gain and bias of LayerNorm ``ln`` (``ln1``/``ln2``) at ``layer``."""
-        w, b = getattr(self, f"{ln}_w_LD"), getattr(self, f"{ln}_b_LD")
-        return None if w is None or b is None else (w[layer], b[layer])
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> RawStats:
-        moved: dict[str, Any] = {f.name: None if getattr(self, f.name) is None
-                                 else getattr(self, f.name).to(device, dtype)
-                                 for f in fields(self)}
-        return replace(self, **moved)
-
-    def value_offset(self, layer: int, space: ActivationSpace, n_heads: int | None = None
-                     ) -> Tensor | float:
-        """What ``space`` removed from ``hook_v``/``hook_z`` at ``layer``, per head: per
-        key/value head, or repeated to ``n_heads`` query heads (for ``hook_z``)."""
-        if not space.fold_value_biases:
-            return 0.0
-        off = self.b_V_LKd[layer]
-        off = off + self.ln1_b_W_V_LKd[layer] if space.fold_ln else off
-        if n_heads is not None and n_heads != off.shape[0]:
-            off = off.repeat_interleave(n_heads // off.shape[0], dim=0)
-        return off
-
-
-def _stack_ln(w: Mapping[str, Tensor], n_layers: int, ln: str, wb: str) -> Tensor | None:
-    """A LayerNorm's gain (``wb="w"``) or bias per layer; an RMSNorm's bias is zero."""
-    gains = [w.get(f"blocks.{i}.{ln}.w") for i in range(n_layers)]
-    if any(g is None for g in gains):
-        return None
-    if wb == "w":
-        return torch.stack(gains)  # type: ignore[arg-type]
-    return torch.stack([w.get(f"blocks.{i}.{ln}.b", torch.zeros_like(g))  # type: ignore[arg-type]
-                        for i, g in enumerate(gains)])
 
 
 class RawMeanTracker:
@@ -156,9 +52,11 @@ class RawMeanTracker:
         if rel == "attn.hook_z":
             z_raw = x + s.value_offset(layer, self.native, x.shape[-2])
             self.attn[layer] = (torch.einsum("bphd,hd->bp", z_raw, s.W_O_mean_LHd[layer])
-                                + s.b_O_mean_L[layer])
+                                + s.b_O_mean_L[layer]).to(self.embed_BP.device)
         elif rel == "mlp.hook_post":
-            self.mlp[layer] = x @ s.W_out_mean_LM[layer] + s.b_out_mean_L[layer]
+            # Kept on one device: a model split over devices has layers on several.
+            self.mlp[layer] = (x @ s.W_out_mean_LM[layer] + s.b_out_mean_L[layer]).to(
+                self.embed_BP.device)
 
     def mean(self, name: str) -> Tensor:
         """Raw mean over d_model at a ``resid``/``write`` site, shape ``[batch, pos]``."""
@@ -180,6 +78,22 @@ class RawMeanTracker:
         if rel == "hook_resid_post":
             total = total + self.mlp[layer]
         return total
+
+
+EDITS = "edits:"
+"""Prefix of the per-forward sums of what edits wrote (see :func:`edit_keys`)."""
+
+
+def edit_keys(name: str, kind: Kind) -> tuple[str, ...]:
+    """The streams an edit at hook ``name`` writes into, as keys of a run's state under which
+    :func:`saebridge.kernel.spaces.track` sums the mean it wrote: the residual stream (and,
+    at a written site such as ``hook_attn_out``, that site itself); none elsewhere (the
+    writers of a centred model are mean-free whatever their inputs)."""
+    if kind == "resid":
+        return (EDITS + "resid",)
+    if kind == "write":
+        return (EDITS + name, EDITS + "resid")
+    return ()
 
 
 def needs_tracker(kind: Kind, src: ActivationSpace, dst: ActivationSpace) -> bool:
@@ -205,9 +119,11 @@ def conversion(
     layer, _ = split(name)
     if kind in ("resid", "write"):
         if dst.center_writing_weights:
-            # A centred space is centred by definition, also after an upstream edit wrote a
-            # non-centred vector into a centred stream; centring is idempotent otherwise.
-            return CENTER
+            if src.center_writing_weights:
+                return IDENTITY
+            # What the centred model holds here: its writers are mean-free, but edits keep
+            # the mean they wrote (as in SAELens on a processed TransformerLens model).
+            return Conv(center=True, acc=edit_keys(name, kind)[0])
         if not src.center_writing_weights:
             return IDENTITY
         if tracker is None:

@@ -28,7 +28,7 @@ import torch
 from saebridge.hookmap.alias_table import AliasSite, AliasTable, B, Sides
 from saebridge.hookmap.architecture import Architecture, TinySpec
 from saebridge.hookmap.llama import CONFIG, attention_sites, rms_tl_weights
-from saebridge.hookmap.site import HookMap, Site
+from saebridge.hookmap.site import HookMap, Site, norm_scale, split_inputs
 from saebridge.hookmap.tl_config import LLAMA_FIELDS
 
 
@@ -54,24 +54,32 @@ GEMMA2 = HookMap(
     },
     block={
         "hook_resid_pre": Site(BLOCK, "input", kwarg="hidden_states"),
+        **split_inputs(Site(BLOCK, "input", kwarg="hidden_states")),
+        "ln1.hook_scale": norm_scale(f"{BLOCK}.input_layernorm", "RMS"),
         "ln1.hook_normalized": Site(f"{BLOCK}.input_layernorm", "output", layout="unscale+1"),
         **attention_sites(ATTN),
+        "ln1_post.hook_scale": norm_scale(f"{BLOCK}.post_attention_layernorm", "RMS"),
         "ln1_post.hook_normalized": Site(f"{BLOCK}.post_attention_layernorm", "output",
                                          layout="unscale+1"),
         "hook_attn_out": Site(f"{BLOCK}.post_attention_layernorm", "output"),
         "hook_resid_mid": Site(f"{BLOCK}.post_attention_layernorm", "output",
                                residual_from=BLOCK),
+        "hook_mlp_in": Site(f"{BLOCK}.pre_feedforward_layernorm", "input", writable=False,
+                            tl_flag="use_hook_mlp_in"),
+        "ln2.hook_scale": norm_scale(f"{BLOCK}.pre_feedforward_layernorm", "RMS"),
         "ln2.hook_normalized": Site(f"{BLOCK}.pre_feedforward_layernorm", "output",
                                     layout="unscale+1"),
         "mlp.hook_pre": Site(f"{BLOCK}.mlp.gate_proj", "output"),
         "mlp.hook_pre_linear": Site(f"{BLOCK}.mlp.up_proj", "output"),
         "mlp.hook_post": Site(f"{BLOCK}.mlp.down_proj", "input"),
+        "ln2_post.hook_scale": norm_scale(f"{BLOCK}.post_feedforward_layernorm", "RMS"),
         "ln2_post.hook_normalized": Site(f"{BLOCK}.post_feedforward_layernorm", "output",
                                          layout="unscale+1"),
         "hook_mlp_out": Site(f"{BLOCK}.post_feedforward_layernorm", "output"),
         "hook_resid_post": Site(BLOCK, "output"),
     },
     after_blocks={
+        "ln_final.hook_scale": norm_scale("norm", "RMS"),
         "ln_final.hook_normalized": Site("norm", "output", layout="unscale+1"),
     },
 )

@@ -8,7 +8,11 @@ output; ``output_hidden_states[-1]`` is after ``ln_f`` and is not it); ``hook_re
 has no module boundary (``ln_2``'s input is not the residual the block adds to), so it
 is the attention output plus the block input; ``hook_z`` is the input of
 ``attn.c_proj`` split head-major into ``[n_heads, d_head]``; ``hook_pattern`` is the
-second output of ``attn`` and exists only under eager attention; TransformerLens's
+second output of ``attn``, computed only by eager attention (the adapters switch to it for
+a run that reads it, and compute ``hook_attn_scores`` there too); ``hook_result``,
+``hook_attn_in``/``hook_q/k/v_input`` and ``ln*.hook_scale`` are computed from
+``hook_z``, the block input and the LayerNorm inputs; ``hook_mlp_in`` is ``ln_2``'s input;
+TransformerLens's
 ``ln*.hook_normalized`` is the LayerNorm output before its gain and bias, so it is read
 off the HF LayerNorm's output with them undone.
 """
@@ -21,7 +25,14 @@ import torch
 
 from saebridge.hookmap.alias_table import AliasSite, AliasTable, B, Sides
 from saebridge.hookmap.architecture import Architecture, TinySpec
-from saebridge.hookmap.site import HookMap, Site
+from saebridge.hookmap.site import (
+    EAGER,
+    HookMap,
+    Site,
+    attention_extras,
+    norm_scale,
+    split_inputs,
+)
 
 
 def tl_weights(sd: dict[str, torch.Tensor], n_heads: int) -> dict[str, torch.Tensor]:
@@ -63,6 +74,7 @@ def tl_weights(sd: dict[str, torch.Tensor], n_heads: int) -> dict[str, torch.Ten
 
 
 BLOCK = "h.{layer}"
+ATTN_EXTRAS = attention_extras(f"{BLOCK}.attn", f"{BLOCK}.attn.c_proj")
 
 GPT2 = HookMap(
     architectures=("GPT2LMHeadModel", "GPT2Model"),
@@ -76,16 +88,23 @@ GPT2 = HookMap(
     },
     block={
         "hook_resid_pre": Site(BLOCK, "input", kind="resid", kwarg="hidden_states"),
+        **split_inputs(Site(BLOCK, "input", kind="resid", kwarg="hidden_states")),
+        "ln1.hook_scale": norm_scale(f"{BLOCK}.ln_1", "LN"),
         "ln1.hook_normalized": Site(f"{BLOCK}.ln_1", "output", layout="unaffine"),
         "attn.hook_q": Site(f"{BLOCK}.attn.c_attn", "output", layout="qkv:0"),
         "attn.hook_k": Site(f"{BLOCK}.attn.c_attn", "output", layout="qkv:1"),
         "attn.hook_v": Site(f"{BLOCK}.attn.c_attn", "output", kind="v", layout="qkv:2"),
+        "attn.hook_attn_scores": ATTN_EXTRAS["attn.hook_attn_scores"],
         "attn.hook_pattern": Site(f"{BLOCK}.attn", "output", index=1, writable=False,
-                                  requires='attn_implementation="eager"'),
+                                  requires=EAGER),
         "attn.hook_z": Site(f"{BLOCK}.attn.c_proj", "input", kind="v", layout="heads"),
+        "attn.hook_result": ATTN_EXTRAS["attn.hook_result"],
         "hook_attn_out": Site(f"{BLOCK}.attn", "output", kind="write", index=0),
         "hook_resid_mid": Site(f"{BLOCK}.attn", "output", kind="resid", index=0,
                                residual_from=BLOCK),
+        "hook_mlp_in": Site(f"{BLOCK}.ln_2", "input", kind="resid", writable=False,
+                            tl_flag="use_hook_mlp_in"),
+        "ln2.hook_scale": norm_scale(f"{BLOCK}.ln_2", "LN"),
         "ln2.hook_normalized": Site(f"{BLOCK}.ln_2", "output", layout="unaffine"),
         "mlp.hook_pre": Site(f"{BLOCK}.mlp.c_fc", "output"),
         "mlp.hook_post": Site(f"{BLOCK}.mlp.c_proj", "input"),
@@ -93,6 +112,7 @@ GPT2 = HookMap(
         "hook_resid_post": Site(BLOCK, "output", kind="resid"),
     },
     after_blocks={
+        "ln_final.hook_scale": norm_scale("ln_f", "LN"),
         "ln_final.hook_normalized": Site("ln_f", "output", layout="unaffine"),
     },
 )

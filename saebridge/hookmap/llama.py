@@ -26,7 +26,15 @@ import torch
 
 from saebridge.hookmap.alias_table import AliasSite, AliasTable, B, Sides
 from saebridge.hookmap.architecture import Architecture, TinySpec
-from saebridge.hookmap.site import HookMap, Site
+from saebridge.hookmap.site import (
+    EAGER,
+    HookMap,
+    Site,
+    attention_extras,
+    norm_scale,
+    rotary_sites,
+    split_inputs,
+)
 from saebridge.hookmap.tl_config import LLAMA_FIELDS
 
 Tensor = torch.Tensor
@@ -104,15 +112,18 @@ CONFIG = {"n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
 
 
 def attention_sites(attn: str) -> dict[str, Site]:
-    """q/k/v/pattern/z of a Llama-style attention module (separate q/k/v/o projections;
-    k/v may have fewer heads, split by ``d_head``); Gemma-2 shares it."""
+    """q/k/v/scores/pattern/z/result of a Llama-style attention module (separate q/k/v/o
+    projections; k/v may have fewer heads, split by ``d_head``); Gemma-2 shares it."""
+    extras = attention_extras(attn, f"{attn}.o_proj", kind="plain")
     return {
         "attn.hook_q": Site(f"{attn}.q_proj", "output", layout="heads"),
         "attn.hook_k": Site(f"{attn}.k_proj", "output", layout="heads"),
         "attn.hook_v": Site(f"{attn}.v_proj", "output", kind="v", layout="heads"),
-        "attn.hook_pattern": Site(attn, "output", index=1, writable=False,
-                                  requires='attn_implementation="eager"'),
+        **rotary_sites(attn),
+        "attn.hook_attn_scores": extras["attn.hook_attn_scores"],
+        "attn.hook_pattern": Site(attn, "output", index=1, writable=False, requires=EAGER),
         "attn.hook_z": Site(f"{attn}.o_proj", "input", kind="v", layout="heads"),
+        "attn.hook_result": extras["attn.hook_result"],
     }
 
 
@@ -127,10 +138,15 @@ LLAMA = HookMap(
     },
     block={
         "hook_resid_pre": Site(BLOCK, "input", kwarg="hidden_states"),
+        **split_inputs(Site(BLOCK, "input", kwarg="hidden_states")),
+        "ln1.hook_scale": norm_scale(f"{BLOCK}.input_layernorm", "RMS"),
         "ln1.hook_normalized": Site(f"{BLOCK}.input_layernorm", "output", layout="unscale"),
         **attention_sites(ATTN),
         "hook_attn_out": Site(ATTN, "output", index=0),
         "hook_resid_mid": Site(ATTN, "output", index=0, residual_from=BLOCK),
+        "hook_mlp_in": Site(f"{BLOCK}.post_attention_layernorm", "input", writable=False,
+                            tl_flag="use_hook_mlp_in"),
+        "ln2.hook_scale": norm_scale(f"{BLOCK}.post_attention_layernorm", "RMS"),
         "ln2.hook_normalized": Site(f"{BLOCK}.post_attention_layernorm", "output",
                                     layout="unscale"),
         "mlp.hook_pre": Site(f"{BLOCK}.mlp.gate_proj", "output"),
@@ -140,6 +156,7 @@ LLAMA = HookMap(
         "hook_resid_post": Site(BLOCK, "output"),
     },
     after_blocks={
+        "ln_final.hook_scale": norm_scale("norm", "RMS"),
         "ln_final.hook_normalized": Site("norm", "output", layout="unscale"),
     },
 )

@@ -19,7 +19,16 @@ import torch
 
 from saebridge.hookmap.alias_table import AliasSite, AliasTable, B, Sides
 from saebridge.hookmap.architecture import Architecture, TinySpec
-from saebridge.hookmap.site import HookMap, Site, Unavailable
+from saebridge.hookmap.site import (
+    EAGER,
+    HookMap,
+    Site,
+    Unavailable,
+    attention_extras,
+    norm_scale,
+    rotary_sites,
+    split_inputs,
+)
 from saebridge.hookmap.tl_config import ROTARY, d_head, rope
 
 
@@ -61,6 +70,7 @@ def tl_weights(sd: dict[str, torch.Tensor], n_heads: int) -> dict[str, torch.Ten
 
 
 BLOCK = "layers.{layer}"
+ATTN_EXTRAS = attention_extras(f"{BLOCK}.attention", f"{BLOCK}.attention.dense")
 
 NEOX = HookMap(
     architectures=("GPTNeoXForCausalLM", "GPTNeoXModel"),
@@ -76,6 +86,8 @@ NEOX = HookMap(
     },
     block={
         "hook_resid_pre": Site(BLOCK, "input", kind="resid", kwarg="hidden_states"),
+        **split_inputs(Site(BLOCK, "input", kind="resid", kwarg="hidden_states")),
+        "ln1.hook_scale": norm_scale(f"{BLOCK}.input_layernorm", "LN"),
         "ln1.hook_normalized": Site(f"{BLOCK}.input_layernorm", "output", layout="unaffine"),
         "attn.hook_q": Site(f"{BLOCK}.attention.query_key_value", "output",
                             layout="qkv-interleaved:0"),
@@ -83,14 +95,21 @@ NEOX = HookMap(
                             layout="qkv-interleaved:1"),
         "attn.hook_v": Site(f"{BLOCK}.attention.query_key_value", "output", kind="v",
                             layout="qkv-interleaved:2"),
+        **rotary_sites(f"{BLOCK}.attention"),
+        "attn.hook_attn_scores": ATTN_EXTRAS["attn.hook_attn_scores"],
         "attn.hook_pattern": Site(f"{BLOCK}.attention", "output", index=1, writable=False,
-                                  requires='attn_implementation="eager"'),
+                                  requires=EAGER),
         "attn.hook_z": Site(f"{BLOCK}.attention.dense", "input", kind="v", layout="heads"),
+        "attn.hook_result": ATTN_EXTRAS["attn.hook_result"],
         "hook_attn_out": Site(f"{BLOCK}.attention", "output", kind="write", index=0),
         "hook_resid_mid": Unavailable(
             "GPT-NeoX (Pythia) runs attention and MLP in parallel on the block input "
             "(use_parallel_residual=True), so no residual stream exists between them. Use "
             "hook_resid_pre (what both read) or hook_resid_post."),
+        # Parallel residual: the MLP's input is the block input, under its own norm.
+        "hook_mlp_in": Site(f"{BLOCK}.post_attention_layernorm", "input", kind="resid",
+                            writable=False, tl_flag="use_hook_mlp_in"),
+        "ln2.hook_scale": norm_scale(f"{BLOCK}.post_attention_layernorm", "LN"),
         "ln2.hook_normalized": Site(f"{BLOCK}.post_attention_layernorm", "output",
                                     layout="unaffine"),
         "mlp.hook_pre": Site(f"{BLOCK}.mlp.dense_h_to_4h", "output"),
@@ -99,6 +118,7 @@ NEOX = HookMap(
         "hook_resid_post": Site(BLOCK, "output", kind="resid"),
     },
     after_blocks={
+        "ln_final.hook_scale": norm_scale("final_layer_norm", "LN"),
         "ln_final.hook_normalized": Site("final_layer_norm", "output", layout="unaffine"),
     },
 )

@@ -24,18 +24,20 @@ Only LayerNorm models are centred: the residual and written sites of RMSNorm map
 (Llama, Gemma-2) and of LayerNorm-free models are ``plain``."""
 
 
+EAGER = 'attn_implementation="eager"'
+"""``requires`` of the attention pattern and scores: HF computes them only in its eager
+attention, which the HF and nnsight adapters switch to for a run that reads them."""
+
+
 NORM_LAYOUTS = ("unaffine", "unscale", "unscale+1")
 """Layouts that undo a norm's gain: their sites are norm outputs (``ln*.hook_normalized``)."""
 
 
-NORM_FREE_EPS = 1e10
-"""A norm with at least this ``eps`` no longer normalises: ``sqrt(var + eps)`` is
-``sqrt(eps)`` to within ``var / 2eps`` (≤ 5e-7 relative for a stream variance ≤ 1e4)."""
-
-
 def _removed(module: torch.nn.Module) -> bool:
-    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", None) or 0.0
-    return isinstance(module, torch.nn.Identity) or float(eps) >= NORM_FREE_EPS
+    """A norm replaced by ``nn.Identity``. A LayerNorm with a huge ``eps`` (the gpt2_noLN
+    recipe) no longer normalises but still subtracts the mean, so it is kept: for
+    activation spaces it is a LayerNorm, and TransformerLens processing centres around it."""
+    return isinstance(module, torch.nn.Identity)
 
 
 @dataclass(frozen=True)
@@ -62,25 +64,36 @@ class Site:
     writable: bool = True
     requires: str | None = None
     """A model setting the site needs, named in the error when it is missing."""
+    derive: str | None = None
+    """No module boundary carries this value: it is computed (read-only) from the one this
+    site names, by the :data:`DERIVATIONS` entry of this name."""
+    tl_flag: str | None = None
+    """The ``HookedTransformerConfig`` flag without which TransformerLens never runs this
+    hook: left out of ``hook_names()`` (a full cache), as in TransformerLens with the flag
+    off, and produced when asked for by name."""
 
     def at(self, layer: int | None) -> Site:
         """The site with ``{layer}`` filled in."""
         if layer is None:
             return self
         fill = str(layer)
-        return Site(
-            module=self.module.replace("{layer}", fill),
-            io=self.io,
-            kind=self.kind,
-            index=self.index,
-            arg=self.arg,
-            kwarg=self.kwarg,
-            layout=self.layout,
-            residual_from=None if self.residual_from is None
-            else self.residual_from.replace("{layer}", fill),
-            writable=self.writable,
-            requires=self.requires,
-        )
+        return replace(self, module=self.module.replace("{layer}", fill),
+                       residual_from=None if self.residual_from is None
+                       else self.residual_from.replace("{layer}", fill))
+
+
+DERIVATIONS = {
+    "heads": "the value repeated over the query heads ([batch, pos, n_heads, d_model])",
+    "kv_heads": "the value repeated over the key/value heads ([batch, pos, n_kv, d_model])",
+    "scale:LN": "the LayerNorm's scale sqrt(var(x) + eps) of its input x ([batch, pos, 1])",
+    "scale:RMS": "the RMSNorm's scale sqrt(mean(x^2) + eps) of its input x ([batch, pos, 1])",
+    "result": "each head's hook_z times its W_O, without b_O ([batch, pos, n_heads, d_model])",
+    "scores": "q.k^T times the attention's scaling (soft-capped where the model caps), "
+              "masked positions -inf ([batch, n_heads, q_pos, k_pos])",
+    "rot_q": "the queries after the rotary embedding ([batch, pos, n_heads, d_head])",
+    "rot_k": "the keys after the rotary embedding ([batch, pos, n_kv, d_head])",
+}
+"""How a :attr:`Site.derive` value is computed from the tensor its site names."""
 
 
 @dataclass(frozen=True)
@@ -118,16 +131,14 @@ class HookMap:
                 for s in t.values() if isinstance(s, Site) and s.layout in NORM_LAYOUTS]
 
     def norms_removed(self, modules: Mapping[str, torch.nn.Module], prefix: str = "") -> bool:
-        """Whether a model's hooked norms (of block 0 and the final one) were all removed:
-        replaced by ``nn.Identity``, or given an ``eps`` ≥ :data:`NORM_FREE_EPS`, which turns
-        a LayerNorm into the affine map ``(x - mean) * w / sqrt(eps) + b``."""
+        """Whether a model's hooked norms (of block 0 and the final one) were all removed
+        (replaced by ``nn.Identity``; a huge-``eps`` LayerNorm is not removed)."""
         found = [modules[prefix + p.replace("{layer}", "0")] for p in self.norm_paths()
                  if prefix + p.replace("{layer}", "0") in modules]
         return bool(found) and all(_removed(m) for m in found)
 
     def without_norms(self) -> HookMap:
-        """This map for a model whose norms were removed (``nn.Identity``, or LayerNorms
-        turned into affine maps by a huge ``eps``, as in apollo-research/gpt2_noLN).
+        """This map for a model whose norms were removed (``nn.Identity``).
 
         No norm is left to absorb a mean, so TransformerLens processing centres nothing:
         every residual and written site becomes ``plain`` (never centred, in any space),
@@ -136,10 +147,12 @@ class HookMap:
         def strip(table: dict[str, Site | Unavailable]) -> dict[str, Site | Unavailable]:
             out: dict[str, Site | Unavailable] = {}
             for name, site in table.items():
-                if isinstance(site, Site) and site.layout in NORM_LAYOUTS:
+                if isinstance(site, Site) and (site.layout in NORM_LAYOUTS
+                                               or (site.derive or "").startswith("scale")):
                     out[name] = Unavailable(
                         "this model's norms were removed (LayerNorm-free), so there is no "
-                        "normalized activation to hook; hook the residual stream instead.")
+                        "normalized activation or norm scale to hook; hook the residual "
+                        "stream instead.")
                 elif isinstance(site, Site) and site.kind in ("resid", "write"):
                     out[name] = replace(site, kind="plain")
                 else:
@@ -194,3 +207,56 @@ class HookSpec:
         return Site(self.path, self.io, kind=self.kind, index=self.index, arg=self.arg,
                     kwarg=self.kwarg, layout="heads" if self.reshape else "flat",
                     writable=self.writable)
+
+
+def split_inputs(resid_pre: Site) -> dict[str, Site]:
+    """``hook_attn_in`` and ``hook_q/k/v_input``: the block input (``resid_pre``, the site
+    given) repeated over the heads, read-only (one HF norm feeds q, k and v), run by
+    TransformerLens only under ``use_attn_in`` / ``use_split_qkv_input``."""
+    return {
+        "hook_attn_in": replace(resid_pre, derive="heads", writable=False,
+                                tl_flag="use_attn_in"),
+        **{f"hook_{x}_input": replace(resid_pre, derive="heads" if x == "q" else "kv_heads",
+                                      writable=False, tl_flag="use_split_qkv_input")
+           for x in "qkv"},
+    }
+
+
+def norm_scale(norm: str, kind: str) -> Site:
+    """``ln*.hook_scale`` of the norm at module path ``norm`` (``kind`` ``LN`` or ``RMS``),
+    computed from its input."""
+    return Site(norm, "input", derive=f"scale:{kind}", writable=False)
+
+
+def rotary_sites(attn: str) -> dict[str, Site]:
+    """``hook_rot_q``/``hook_rot_k`` of a rotary attention module: the q and k its eager
+    attention is given (recorded there, as the scores are)."""
+    return {f"attn.hook_rot_{x}": Site(attn, "output", index=1, derive=f"rot_{x}",
+                                       writable=False, requires=EAGER) for x in "qk"}
+
+
+def attention_extras(attn: str, out_proj: str, kind: Kind = "write") -> dict[str, Site]:
+    """``hook_attn_scores`` (computed in the eager attention the adapter switches to; the
+    attention module's second output is the pattern) and ``hook_result`` (each head's
+    ``hook_z``, the input of ``out_proj``, times its ``W_O``; ``kind`` ``write`` where
+    processing centres ``W_O``, ``plain`` in RMSNorm maps)."""
+    return {
+        "attn.hook_attn_scores": Site(attn, "output", index=1, derive="scores",
+                                      writable=False, requires=EAGER),
+        "attn.hook_result": Site(out_proj, "input", kind=kind, layout="heads",
+                                 derive="result", writable=False, tl_flag="use_attn_result"),
+    }
+
+
+def flag_off(site: Site, cfg: Any) -> str | None:
+    """The TransformerLens config flag ``site`` needs when ``cfg`` (a ``HookedTransformer``
+    or ``TransformerBridge`` config) has it off; None when the hook runs."""
+    return site.tl_flag if site.tl_flag and not getattr(cfg, site.tl_flag, False) else None
+
+
+def flag_message(name: str, flag: str) -> str:
+    """Why a TransformerLens model does not run hook ``name``, and how to turn it on."""
+    return (f"hook {name!r} runs in TransformerLens only with cfg.{flag}=True, and this "
+            f"model has it off. Call model.set_{flag}(True) on the HookedTransformer or "
+            "TransformerBridge (then wrap it again), or read the hook on the Hugging Face "
+            "model, where saebridge computes it.")

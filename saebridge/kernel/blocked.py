@@ -76,10 +76,10 @@ def encode_active(x_RD: Tensor, W_enc_DF: Tensor, b_F: Tensor, architecture: str
     """The active latents of the rows of ``x_RD`` (already normalised, ``b_dec`` subtracted),
     or None as soon as they are denser than ``max_density`` (decode those densely).
 
-    ``b_F`` is ``b_enc`` (``b_gate`` for gated SAEs, whose magnitude path is
-    ``(x @ W_enc) * mag_scale + b_mag``); ``rank_scale_F`` multiplies the pre-activations
-    before the activation function (``rescale_acts_by_decoder_norm``); ``threshold_F`` is
-    JumpReLU's. ``block`` overrides :func:`block_size`.
+    ``b_F`` is ``b_enc`` (``b_gate`` for gated SAEs, magnitude path ``(x @ W_enc) *
+    mag_scale + b_mag``); ``rank_scale_F`` scales the pre-activations before the activation
+    (``rescale_acts_by_decoder_norm``); ``threshold_F`` is JumpReLU's; ``block`` overrides
+    :func:`block_size`. NaN is active, as on the dense path: a NaN row never becomes b_dec.
     """
     R, F = x_RD.shape[0], W_enc_DF.shape[1]
     if R * F == 0:
@@ -105,7 +105,7 @@ def encode_active(x_RD: Tensor, W_enc_DF: Tensor, b_F: Tensor, architecture: str
             ranked_RC = torch.mul(pre_RC, mag_scale_F[start:stop],
                                   out=mag_buffer[:pre_RC.numel()].view_as(pre_RC))
             ranked_RC.add_(b_mag_F[start:stop])
-            active_RC = gate_RC.logical_and_(ranked_RC > 0)
+            active_RC = gate_RC.logical_and_(ranked_RC > 0).logical_or_(ranked_RC.isnan())
         else:
             ranked_RC = pre_RC.add_(b_F[start:stop])
             if rank_scale_F is not None:
@@ -114,7 +114,7 @@ def encode_active(x_RD: Tensor, W_enc_DF: Tensor, b_F: Tensor, architecture: str
                 top.add(ranked_RC, start)
                 continue
             floor = threshold_F[start:stop].relu() if threshold_F is not None else 0.0
-            active_RC = ranked_RC > floor
+            active_RC = (ranked_RC > floor).logical_or_(ranked_RC.isnan())
         rows_Z, cols_Z = active_RC.nonzero().unbind(1)
         nnz += rows_Z.numel()
         if nnz > budget:
@@ -133,11 +133,11 @@ def encode_active(x_RD: Tensor, W_enc_DF: Tensor, b_F: Tensor, architecture: str
 class _TopK:
     """The ``k`` largest entries of each row over the blocks seen so far.
 
-    The first block's ``topk`` sets a floor per row, its ``k``-th largest value, which the
-    row's final ``k``-th largest can only exceed; later blocks hand on just the entries
-    above the floor (a compare in cache instead of a ``topk`` per block, which costs torch
-    several times more over narrow rows). Once those outnumber the kept ones four to one
-    they are merged in and the floor rises.
+    The first block's ``topk`` sets a floor per row, its ``k``-th largest value (NaN ranked
+    highest, as ``topk`` ranks it), which the row's final ``k``-th largest can only exceed;
+    later blocks hand on just the entries above the floor (a compare in cache instead of a
+    ``topk`` per block, which costs torch several times more over narrow rows). Once those
+    outnumber the kept ones four to one they are merged in and the floor rises.
     """
 
     def __init__(self, n_rows: int, k: int) -> None:
@@ -154,7 +154,8 @@ class _TopK:
                                    sorted=False), offset=start)
             return
         assert self.floor_R1 is not None
-        rows_Z, cols_Z = (ranked_RC > self.floor_R1).nonzero().unbind(1)
+        above_RC = (ranked_RC > self.floor_R1).logical_or_(ranked_RC.isnan())
+        rows_Z, cols_Z = above_RC.nonzero().unbind(1)
         values_Z = ranked_RC[rows_Z, cols_Z]
         self.pending.append((rows_Z, cols_Z.add_(start), values_Z))
         self.n_pending += rows_Z.numel()
@@ -173,7 +174,9 @@ class _TopK:
                                                                  -torch.inf)], dim=1)
             indices_RK = torch.cat([indices_RK, indices_RK.new_zeros(self.n_rows, pad)], dim=1)
         self.values_RK, self.indices_RK = values_RK, indices_RK.add_(offset)
-        self.floor_R1 = values_RK.amin(dim=-1, keepdim=True)
+        # torch.topk ranks NaN above everything: so does the floor (all NaN: only NaN passes).
+        ranked_RK = values_RK.masked_fill(values_RK.isnan(), torch.inf)
+        self.floor_R1 = ranked_RK.amin(dim=-1, keepdim=True)
 
     def _merge(self) -> None:
         if not self.pending:

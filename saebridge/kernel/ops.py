@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from saebridge.errors import ShapeError, UnknownHookError
+from saebridge.errors import DeviceError, ShapeError, UnknownHookError
 from saebridge.kernel.indexing import Positions, put_head, select_positions
 from saebridge.kernel.indexing import head as head_of
 from saebridge.kernel.sae import SAEData, decode, encode, forward_sparse, run
@@ -86,9 +86,14 @@ def sae_view(sae: SAEData, x: Tensor, conv: Conv, name: str) -> SAEView:
             f"SAE d_in={s.d_in} does not fit hook {name!r}, whose activations have width "
             f"{flat}{heads}. Load the SAE made for this site and model, or set "
             "hook_head_index for a per-head SAE.")
+    w = sae.params["W_dec"]
+    if w.is_meta:  # the SAE runs on its weights' device; meta holds no data
+        raise DeviceError(
+            f"SAE at {name!r} has its weights on the meta device (shapes, no data), so it "
+            "cannot run. Load it onto a device of this machine: SAE.load(path, device=...), "
+            "e.g. the device of its hook, model.adapter.device_of(hook_name).")
     shift = shift_for(conv, x)
     x_full = x if shift is None else x + shift
-    w = sae.params["W_dec"]
     return SAEView(shift, x_full, head_of(x_full, head).to(w.device, w.dtype))
 
 
@@ -116,23 +121,91 @@ def reconstruct(impl: Any, x_sae: Tensor, mode: str) -> tuple[Tensor, Records]:
                          fast.latents.to_sparse_coo(fast.sae_input.shape[:-1])}
 
 
-def _outputs(recons: Tensor, x_sae: Tensor, use_error_term: bool, records: Records
-             ) -> Tensor:
+def _per_position(bypass: Tensor, like: Tensor) -> Tensor:
+    """A ``[batch, pos]`` mask broadcast over the rest of ``like``'s dimensions."""
+    return bypass.reshape(*bypass.shape, *([1] * (like.dim() - bypass.dim()))).to(like.device)
+
+
+def _outputs(recons: Tensor, x_sae: Tensor, use_error_term: bool, records: Records,
+             bypass: Tensor | None = None) -> Tensor:
+    """The SAE's output (and its records); at ``bypass`` positions the input itself with a
+    zero error, as SAELens's ``exclude_special_tokens`` leaves them."""
     error = x_sae - recons
     out = recons + error if use_error_term else recons
-    records.update(zip(SAE_HOOKS[3:], (recons, error, out), strict=True))
+    if bypass is not None:
+        mask = _per_position(bypass, x_sae)
+        error = torch.where(mask, torch.zeros_like(error), error)
+        out = torch.where(mask, x_sae, out)
+    flat = records.get("hook_sae_input")
+    # SAELens records a hook_z SAE's reconstruction flat, [..., d_in] like its input.
+    kept = recons.flatten(-2) if flat is not None and recons.dim() == flat.dim() + 1 else recons
+    records.update(zip(SAE_HOOKS[3:], (kept, error, out), strict=True))
     return out
 
 
+def _bypassed(x: Tensor, new: Tensor, bypass: Tensor | None) -> Tensor:
+    """``new``, with ``x`` itself (bit for bit) at the ``bypass`` positions."""
+    return new if bypass is None else torch.where(_per_position(bypass, new), x, new)
+
+
 def splice(sae: SAEData, x: Tensor, conv: Conv, use_error_term: bool, mode: str,
-           name: str, impl: Any = None) -> tuple[Tensor, Records]:
+           name: str, impl: Any = None, bypass: Tensor | None = None
+           ) -> tuple[Tensor, Records]:
     """Replace the SAE's part of ``x`` by its reconstruction (plus its error with
     ``use_error_term``: the output is then unchanged, and everything still recorded).
-    ``impl`` computes the SAE (default: the kernel's :class:`KernelSAE`)."""
+    ``impl`` computes the SAE (default: the kernel's :class:`KernelSAE`); ``bypass``
+    (``[batch, pos]`` bool) marks positions left as they are (special tokens)."""
     view = sae_view(sae, x, conv, name)
     recons, records = reconstruct(impl or KernelSAE(sae), view.x_sae, mode)
-    out = _outputs(recons, view.x_sae, use_error_term, records)
-    return write_back(sae, x, view, out), records if mode != "none" else {}
+    out = _outputs(recons, view.x_sae, use_error_term, records, bypass)
+    new = _bypassed(x, write_back(sae, x, view, out), bypass)
+    return new, records if mode != "none" else {}
+
+
+def splice_hooked(sae: SAEData, x: Tensor, conv: Conv, use_error_term: bool, name: str,
+                  hooks: dict[str, list[Any]], impl: Any = None, bypass: Tensor | None = None
+                  ) -> tuple[Tensor, Records]:
+    """:func:`splice` with functions at the SAE's own hook points, where SAELens's
+    ``HookedSAETransformer`` fires them: ``hooks[key]`` (``key`` in :data:`SAE_HOOKS`) are
+    called in turn with the value there and return what goes on. ``hook_sae_input`` feeds
+    the encoder; ``hook_sae_acts_post`` the decoder (an edit of the latents reaches the
+    model); with ``use_error_term`` the error is that of the unhooked reconstruction of the
+    original input (SAELens's ``_SAEWrapper``), then ``hook_sae_error``; ``hook_sae_output``
+    is what is written back. ``hook_sae_acts_pre`` is read-only: the latents come from the
+    encoder's own pre-activations."""
+    view = sae_view(sae, x, conv, name)
+    impl = impl or KernelSAE(sae)
+
+    def at(key: str, value: Tensor) -> Tensor:
+        for fn in hooks.get(key, ()):
+            value = fn(value)
+        return value
+
+    x0 = view.x_sae  # a hook_z SAE reads [..., n_heads, d_head]; its hooks see it flat
+    xf = x0.flatten(-2) if x0.dim() == 4 else x0
+    x_in = at("hook_sae_input", xf)
+    acts = impl.run(x_in)
+    at("hook_sae_acts_pre", acts.acts_pre.clone())
+    recons = acts.recons.reshape(xf.shape)
+    post = acts.acts_post
+    if "hook_sae_acts_post" in hooks:
+        post = at("hook_sae_acts_post", post.clone())
+        impl.encode(x_in)  # the input's norm statistics, for this decode
+        recons = impl.decode(post).reshape(xf.shape)
+    recons = at("hook_sae_recons", recons)
+    out = recons.reshape(x0.shape)  # error and output per head, as SAELens
+    error = x0 - out
+    if use_error_term:
+        clean = acts.recons if x_in is xf else impl.run(xf).recons
+        error = at("hook_sae_error", x0 - clean.reshape(x0.shape))
+        out = out + error
+    if bypass is not None:
+        mask = _per_position(bypass, x0)
+        error = torch.where(mask, torch.zeros_like(error), error)
+        out = torch.where(mask, x0, out)
+    out = at("hook_sae_output", out)
+    records = dict(zip(SAE_HOOKS, (x_in, acts.acts_pre, post, recons, error, out), strict=True))
+    return _bypassed(x, write_back(sae, x, view, out), bypass), records
 
 
 def edit_latents(sae: SAEData, x: Tensor, conv: Conv, features: list[int],
@@ -167,8 +240,10 @@ def transcoder_read(sae: SAEData, x: Tensor, conv: Conv,
 
 
 def transcoder_write(sae: SAEData, y: Tensor, conv: Conv, prediction: Tensor | None,
-                     use_error_term: bool, name: str) -> tuple[Tensor, Records]:
-    """The output site ``y`` replaced by the prediction made at the input site."""
+                     use_error_term: bool, name: str, bypass: Tensor | None = None
+                     ) -> tuple[Tensor, Records]:
+    """The output site ``y`` replaced by the prediction made at the input site (left as
+    it is at ``bypass`` positions)."""
     s = sae.spec
     if prediction is None:
         raise UnknownHookError(
@@ -183,6 +258,6 @@ def transcoder_write(sae: SAEData, y: Tensor, conv: Conv, prediction: Tensor | N
             f"transcoder predicts {tuple(prediction.shape)} but its output site {name!r} "
             f"holds {tuple(y_sae.shape)}. Load the transcoder made for this model and site.")
     records: Records = {}
-    out = _outputs(prediction.reshape(y_sae.shape), y_sae, use_error_term, records)
+    out = _outputs(prediction.reshape(y_sae.shape), y_sae, use_error_term, records, bypass)
     new = out.to(y.device, y.dtype)
-    return (new if shift is None else new - shift), records
+    return _bypassed(y, new if shift is None else new - shift, bypass), records

@@ -7,6 +7,13 @@ reached by removing it), or a constant tensor (the value biases at ``hook_v``/``
 the tracked raw mean of a centred stream, computed for one forward). Splicing converts
 native -> SAE space, and writes back the reconstruction minus the same shift: exactly
 what the SAE's space removed is restored.
+
+Going from a raw residual stream to a centred one is not a plain centring once something
+upstream was edited: in a centred (TransformerLens-processed) model every *writer* is
+mean-free, but an edit (a reconstruction, a steering vector) writes its own mean into the
+stream, and the processed model keeps it. So the centred value is ``centre(x)`` plus the
+mean over d_model that the run's edits wrote so far: a conversion with ``acc`` names that
+per-forward sum, which :func:`track` keeps after every edit and :func:`resolve` adds back.
 """
 
 from __future__ import annotations
@@ -30,10 +37,39 @@ class Conv(NamedTuple):
 
     center: bool = False
     shift: Tensor | None = None
+    acc: str | None = None
+    """With ``center``: the key, in a run's state, of the mean that edits wrote into this
+    stream so far (``[batch, pos, 1]``), added back after centring (see :func:`resolve`)."""
 
 
 IDENTITY = Conv()
 CENTER = Conv(center=True)
+
+
+def resolve(conv: Conv, x: Tensor, state: dict) -> Conv:
+    """``conv`` at ``x`` for this forward: a centring that keeps what the run's edits wrote
+    (``state[conv.acc]``) becomes a plain shift; any other conversion is returned as is.
+
+    >>> x, state = torch.tensor([[1.0, 3.0]]), {"e": torch.tensor([[0.5]])}
+    >>> resolve(Conv(center=True, acc="e"), x, state).shift
+    tensor([[-1.5000]])
+    """
+    if conv.acc is None:
+        return conv
+    shift = -x.mean(-1, keepdim=True)
+    written = state.get(conv.acc)
+    return Conv(shift=shift if written is None else shift + written.to(shift))
+
+
+def track(state: dict, keys: tuple[str, ...], old: Tensor, new: Tensor) -> None:
+    """After an edit at a residual-stream site (``old`` -> ``new``): add the mean over
+    d_model it wrote to each of the streams ``keys`` (the residual stream, and the written
+    site itself for ``hook_attn_out``-like sites)."""
+    if new is old or not keys:
+        return
+    delta = new.mean(-1, keepdim=True) - old.mean(-1, keepdim=True)
+    for key in keys:
+        state[key] = delta if key not in state else state[key] + delta
 
 
 def shift_for(conv: Conv, x: Tensor) -> Tensor | None:

@@ -17,7 +17,7 @@ import torch
 from saebridge.kernel.indexing import Positions, add_vector
 from saebridge.kernel.ops import edit_latents, splice, transcoder_read, transcoder_write
 from saebridge.kernel.sae import SAEData
-from saebridge.kernel.spaces import Conv, forward
+from saebridge.kernel.spaces import Conv, forward, resolve, track
 
 Tensor = torch.Tensor
 
@@ -34,10 +34,11 @@ class SpliceStep(NamedTuple):
     use_error_term: bool
     conv: Conv
     mode: str
+    bypass: Tensor | None = None
 
     def run(self, x: Tensor, site: Any) -> Tensor:
         new, records = splice(self.sae, x, self.conv, self.use_error_term, self.mode,
-                                  site.name)
+                              site.name, bypass=self.bypass)
         _keep(site, self.sae, records)
         return new
 
@@ -104,22 +105,40 @@ class WriteStep(NamedTuple):
     use_error_term: bool
     mode: str
     slot: str
+    bypass: Tensor | None = None
 
     def run(self, x: Tensor, site: Any) -> Tensor:
         new, records = transcoder_write(self.sae, x, self.conv, site.store.pop(
-            self.slot, None), self.use_error_term, site.name)
+            self.slot, None), self.use_error_term, site.name, self.bypass)
         if self.mode != "none":
             _keep(site, self.sae, records)
         return new
 
 
 class SiteSteps:
-    """The steps at one site, run in order; records go to ``store`` (saved by the caller)."""
+    """The steps at one site, run in order; records go to ``store`` (saved by the caller).
 
-    def __init__(self, name: str, steps: list, store: dict) -> None:
+    ``state`` is shared by the sites of a run: the sums under ``keys`` of what this site's
+    edits wrote into the residual stream (see :func:`saebridge.kernel.spaces.track`), which
+    a centring conversion with ``acc`` adds back. The first site of a forward (``reset``)
+    clears it, so each forward of a generation starts afresh.
+    """
+
+    def __init__(self, name: str, steps: list, store: dict, state: dict | None = None,
+                 keys: tuple[str, ...] = (), reset: bool = False) -> None:
         self.name, self.steps, self.store = name, steps, store
+        self.state = {} if state is None else state
+        self.keys, self.reset = keys, reset
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.reset:
+            self.state.clear()
         for step in self.steps:
-            x = step.run(x, self)
+            conv = getattr(step, "conv", None)
+            if conv is not None and conv.acc is not None:
+                step = step._replace(conv=resolve(conv, x, self.state))
+            new = step.run(x, self)
+            if self.keys:
+                track(self.state, self.keys, x, new)
+            x = new
         return x

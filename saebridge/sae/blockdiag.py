@@ -21,14 +21,17 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from saebridge.errors import SAEConfigError, ShapeError
-from saebridge.kernel.sae import SAESpec
+from saebridge.kernel.sae import SAEData, SAESpec
 from saebridge.sae.config import SAEConfig
 from saebridge.sae.model import SAE
 from saebridge.sae.params import parameter_shapes
 
 Tensor = torch.Tensor
+_BLOCKS = {"W_enc_blocks": "W_enc", "W_dec_blocks": "W_dec"}
+"""Block parameter → the name the kernel (and a dense SAE) gives it."""
 
 
 @dataclass(kw_only=True)
@@ -64,39 +67,89 @@ class BlockDiagConfig(SAEConfig):
 class BlockDiagSAE(SAE):
     """A hook_z SAE stored and computed per head.
 
-    >>> dense = SAE.random("topk", 8, 16, "blocks.0.attn.hook_z", k=3)
-    >>> sae = BlockDiagSAE.from_dense(block_diagonal(dense, n_heads=2), n_heads=2)
-    >>> tuple(sae.W_enc.shape), sae.head_of(9)
-    ((2, 4, 8), 1)
+    The blocks are the parameters ``W_enc_blocks [n_heads, d_head, m]`` and ``W_dec_blocks
+    [n_heads, m, d_head]``; ``W_enc``/``W_dec`` are the dense matrices as SAELens code
+    indexes them (``W_dec[feature]`` is ``[d_in]``), built from the blocks on first use and
+    rebuilt after an edit of them: a read-only copy (edit the blocks), never used by the
+    forward pass.
+
+    >>> dense = block_diagonal(SAE.random("topk", 8, 16, "blocks.0.attn.hook_z", k=3), 2)
+    >>> sae = BlockDiagSAE.from_dense(dense, n_heads=2)
+    >>> tuple(sae.W_enc_blocks.shape), tuple(sae.W_dec.shape), sae.head_of(9)
+    ((2, 4, 8), (16, 8), 1)
+    >>> torch.equal(sae.W_dec, dense.W_dec), torch.equal(sae.W_enc[:, 9], dense.W_enc[:, 9])
+    (True, True)
     """
 
     cfg: BlockDiagConfig
     saelens_format: ClassVar[str] = "saelens-blockdiag"
     """The format that ``save(format="saelens")`` writes this kind of SAE in."""
+    W_enc_blocks: nn.Parameter
+    W_dec_blocks: nn.Parameter
 
     def __init__(self, cfg: BlockDiagConfig, state_dict: dict[str, Tensor] | None = None
                  ) -> None:
         if not isinstance(cfg, BlockDiagConfig):
             raise SAEConfigError(f"a BlockDiagSAE needs a BlockDiagConfig, got "
                                  f"{type(cfg).__name__}.")
+        if state_dict is not None:  # blocks given under the kernel's names W_enc/W_dec
+            dense_names = {v: k for k, v in _BLOCKS.items()}
+            state_dict = {dense_names.get(n, n): t for n, t in state_dict.items()}
         super().__init__(cfg, state_dict)
         self.spliced_heads: tuple[int, ...] | None = None
+        self._dense: dict[str, tuple[tuple[int, int], Tensor]] = {}
 
     def _parameter_shapes(self, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
         assert isinstance(cfg, BlockDiagConfig)  # __init__ checked it
         H, D, M = cfg.n_heads, cfg.d_head, cfg.latents_per_head
-        return {**parameter_shapes(cfg), "W_enc": (H, D, M), "W_dec": (H, M, D)}
+        shapes = {k: v for k, v in parameter_shapes(cfg).items() if k not in _BLOCKS.values()}
+        return {**shapes, "W_enc_blocks": (H, D, M), "W_dec_blocks": (H, M, D)}
 
     def spec(self) -> SAESpec:
         """The dense spec, with the per-head blocks (the kernel's linear maps run per head)."""
         return super().spec()._replace(n_heads=self.cfg.n_heads, spliced_heads=self.spliced_heads)
 
+    def data(self) -> SAEData:
+        """The kernel's view: the blocks under the names W_enc/W_dec (see :meth:`spec`)."""
+        params = dict(self.named_parameters())
+        for ours, kernels in _BLOCKS.items():
+            params[kernels] = params.pop(ours)
+        return SAEData(params, self.spec())
+
+    def _flat(self, name: str) -> Tensor:
+        blocks = getattr(self, f"{name}_blocks")
+        key = (blocks.data_ptr(), blocks._version)
+        held = self._dense.get(name)
+        if held is None or held[0] != key or held[1].device != blocks.device \
+                or held[1].dtype != blocks.dtype:
+            held = (key, torch.block_diag(*blocks.detach()))
+            self._dense[name] = held
+        return held[1]
+
+    @property
+    def W_enc(self) -> Tensor:  # type: ignore[override]
+        """The dense ``[d_in, d_sae]`` encoder (a read-only copy; see the class docstring)."""
+        return self._flat("W_enc")
+
+    @property
+    def W_dec(self) -> Tensor:  # type: ignore[override]
+        """The dense ``[d_sae, d_in]`` decoder (a read-only copy; see the class docstring)."""
+        return self._flat("W_dec")
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        """:meth:`SAE.fold_activation_norm_scaling_factor` on the blocks."""
+        self.W_enc_blocks.mul_(scaling_factor)
+        self.W_dec_blocks.div_(scaling_factor)
+        self.b_dec.div_(scaling_factor)
+        self.cfg.normalize_activations = "none"
+
     def decoder_direction(self, feature: int) -> Tensor:
         """Latent ``feature``'s direction in the concatenated ``hook_z`` space, ``[d_in]``
         (zero outside its head)."""
         head, row = divmod(self._check_feature(feature), self.cfg.latents_per_head)
-        out_HD = self.W_dec.new_zeros(self.cfg.n_heads, self.cfg.d_head)
-        out_HD[head] = self.W_dec[head, row]
+        out_HD = self.W_dec_blocks.new_zeros(self.cfg.n_heads, self.cfg.d_head)
+        out_HD[head] = self.W_dec_blocks[head, row]
         return out_HD.flatten()
 
     # ---- heads ------------------------------------------------------------------------
@@ -155,8 +208,8 @@ class BlockDiagSAE(SAE):
         """The equivalent dense SAE (block-diagonal ``W_enc``/``W_dec``), e.g. for saving."""
         cfg = SAEConfig(**{k: v for k, v in self.cfg.to_dict().items() if k != "n_heads"})
         tensors = {n: p.detach() for n, p in self.named_parameters()}
-        tensors["W_enc"] = torch.block_diag(*self.W_enc.detach())
-        tensors["W_dec"] = torch.block_diag(*self.W_dec.detach())
+        for ours, dense in _BLOCKS.items():
+            tensors[dense] = torch.block_diag(*tensors.pop(ours))
         return SAE(cfg, tensors)
 
     def _check_feature(self, feature: int) -> int:

@@ -11,11 +11,13 @@ per-architecture subclasses, read at SAELens 6.49). SAELens keeps ``hook_name``,
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from saebridge.errors import SAEConfigError, unknown
-from saebridge.hookmap.space import ActivationSpace
+from saebridge.hookmap.space import FLAGS, ActivationSpace
+from saebridge.sae.metadata import SAEMetadata
 
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "gated")
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
@@ -75,6 +77,8 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+        # SAELens 6 code reads cfg.metadata.hook_name & co.: answered from the fields.
+        self.metadata = SAEMetadata(self.metadata, self)
 
     @property
     def activation_space(self) -> ActivationSpace:
@@ -172,11 +176,23 @@ def _validate(cfg: SAEConfig) -> None:
             continue
         if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
             raise _fail(name, value, "it must be a mapping with string keys")
+    _validate_flags(cfg.model_from_pretrained_kwargs)
     clash = [key for key in FIELD_METADATA_KEYS if key in cfg.metadata]
     if clash:
         raise SAEConfigError(
             f"SAE config metadata repeats {', '.join(map(repr, clash))}, which are fields of "
             "SAEConfig. Set the fields and drop these keys from metadata.")
+
+
+def _validate_flags(kwargs: dict[str, Any] | None) -> None:
+    """The TransformerLens processing flags in ``model_from_pretrained_kwargs`` are bools:
+    checked here, at load, rather than when a run first reads the activation space."""
+    for flag in FLAGS:
+        value = (kwargs or {}).get(flag, False)
+        if not isinstance(value, bool):
+            raise _fail(f"model_from_pretrained_kwargs.{flag}", value,
+                        "it must be true or false (a TransformerLens processing flag)",
+                        f"Write \"{flag}\": true or \"{flag}\": false.")
 
 
 def _validate_k(cfg: SAEConfig) -> None:
@@ -186,8 +202,9 @@ def _validate_k(cfg: SAEConfig) -> None:
                         f"({cfg.d_sae})", "Set k to the number of latents kept per token.")
     elif cfg.architecture == "batchtopk":
         if cfg.k is not None and (isinstance(cfg.k, bool) or not isinstance(cfg.k, int | float)
-                                  or cfg.k <= 0):
-            raise _fail("k", cfg.k, "a batchtopk SAE's k must be a positive number or null")
+                                  or not math.isfinite(cfg.k) or cfg.k <= 0):
+            raise _fail("k", cfg.k, "a batchtopk SAE's k must be a finite positive number or "
+                        "null")
     else:
         if cfg.k is not None:
             raise _fail("k", cfg.k, f"a {cfg.architecture} SAE has no k", "Set k to null.")

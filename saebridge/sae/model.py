@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saebridge.errors import SAEConfigError, ShapeError
+from saebridge.errors import ArgumentTypeError, SAEConfigError, ShapeError
 from saebridge.hookmap.space import ActivationSpace
 from saebridge.kernel import sae as kernel
 from saebridge.kernel.activations import NormStats, SAEActivations
@@ -30,9 +30,19 @@ from saebridge.sae.params import (
     check_state_dict,
     dtype_name,
     parameter_shapes,
+    torch_device,
 )
 
 Tensor = torch.Tensor
+
+def _tensor(x: object, method: str) -> Tensor:
+    """``x`` if it is a tensor; anything else is refused by name (not an AttributeError deep
+    in the kernel)."""
+    if not isinstance(x, Tensor):
+        raise ArgumentTypeError(f"SAE.{method}() takes a torch.Tensor, got {type(x).__name__}. "
+                                "Pass activations as a tensor (torch.as_tensor(...) converts).")
+    return x
+
 
 class SAE(nn.Module):
     """A sparse autoencoder of any supported architecture.
@@ -57,6 +67,9 @@ class SAE(nn.Module):
     b_gate: nn.Parameter | None
     b_mag: nn.Parameter | None
     r_mag: nn.Parameter | None
+    use_error_term: bool = False
+    """SAELens's switch: ``add_sae``/``run_with_saes``/``saes()`` called without
+    ``use_error_term`` splice this SAE with its error added back when True."""
 
     def __init__(self, cfg: SAEConfig, state_dict: Mapping[str, Tensor] | None = None) -> None:
         super().__init__()
@@ -65,11 +78,7 @@ class SAE(nn.Module):
         self.cfg = copy.deepcopy(cfg)
         shapes = self._parameter_shapes(cfg)
         dtype = TORCH_DTYPES[cfg.dtype]
-        try:
-            device = torch.device(cfg.device)
-        except RuntimeError as err:
-            raise SAEConfigError(f"SAE config device {cfg.device!r} is not a torch device "
-                                 f"({err}). Use e.g. 'cpu', 'cuda' or 'cuda:1'.") from err
+        device = torch_device(cfg.device)
         if state_dict is None:
             state_dict = {name: torch.zeros(shape, dtype=dtype, device=device)
                           for name, shape in shapes.items()}
@@ -167,13 +176,13 @@ class SAE(nn.Module):
         ``constant_norm_rescale``/``layer_norm`` the input's statistics are kept for the
         next :meth:`decode`, as SAELens does.
         """
-        enc = kernel.encode(self.data(), x)
+        enc = kernel.encode(self.data(), _tensor(x, "encode"))
         self._norm_stats = enc.stats
         return enc.acts_post
 
     def decode(self, acts: Tensor) -> Tensor:
         """Reconstruction ``[..., d_in]`` of latent activations (flat, also for hook_z SAEs)."""
-        if acts.shape[-1:] != (self.cfg.d_sae,):
+        if _tensor(acts, "decode").shape[-1:] != (self.cfg.d_sae,):
             raise ShapeError(
                 f"decode() takes latents of shape [..., {self.cfg.d_sae}] (d_sae), got "
                 f"{tuple(acts.shape)}. Pass the output of encode().")
@@ -186,7 +195,7 @@ class SAE(nn.Module):
         :meth:`forward_sparse`); the result equals ``run(x).recons`` within the dtype's
         rounding.
         """
-        return kernel.forward(self.data(), x)
+        return kernel.forward(self.data(), _tensor(x, "forward"))
 
     def forward_sparse(self, x: Tensor) -> SparseForward | None:
         """``(hook_sae_input, active latents, reconstruction)`` without the dense latents, or
@@ -202,7 +211,7 @@ class SAE(nn.Module):
         >>> latents.nnz, tuple(latents.to_sparse_coo(sae_input.shape[:-1]).shape)
         (24, (2, 3, 512))
         """
-        return kernel.forward_sparse(self.data(), x)
+        return kernel.forward_sparse(self.data(), _tensor(x, "forward_sparse"))
 
     def run(self, x: Tensor) -> SAEActivations:
         """Every intermediate of one pass, named after SAELens's hook points.
@@ -213,7 +222,7 @@ class SAE(nn.Module):
         >>> tuple(out.acts_post.shape), torch.equal(out.recons, sae(x))
         ((3, 8), True)
         """
-        return kernel.run(self.data(), x)
+        return kernel.run(self.data(), _tensor(x, "run"))
 
     # The weight layout lives in the parameter shapes (and the kernel's linear maps, chosen
     # by SAESpec.n_heads), so SAEs storing their weights differently (per-head blocks, see
@@ -247,13 +256,16 @@ class SAE(nn.Module):
     def load(cls, path: str | os.PathLike[str], *, format: str | None = None,
              device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None, hook_name: str | None = None,
-             subfolder: str | None = None) -> SAE:
+             subfolder: str | None = None, activation_space: Any = None) -> SAE:
         """Load an SAE saved on disk; ``format`` is detected when None (see saebridge.formats).
 
         ``device`` defaults to ``"cpu"`` (SAELens's default, whatever cfg.json says) and
         ``dtype`` to the saved config's. ``hook_name`` states the canonical site, for files
-        that do not record it or record it wrongly (every format). ``path`` may be a Hugging
-        Face hub id (``"org/repo"``, with ``subfolder``), fetched with huggingface_hub.
+        that do not record it or record it wrongly (every format). ``activation_space``
+        states the space the SAE was trained in (``"tl-processed"``, ``"hf"``, or a mapping of
+        the four processing flags), for files whose ``model_from_pretrained_kwargs`` says
+        otherwise (``{}`` means unprocessed, as SAELens's ``load_model`` reads it). ``path``
+        may be a Hugging Face hub id (``"org/repo"``, with ``subfolder``).
 
         >>> import tempfile
         >>> sae = SAE.random("gated", 4, 8, "blocks.0.hook_resid_post")
@@ -266,7 +278,22 @@ class SAE(nn.Module):
         from saebridge.sae.files import load as load_registered
 
         sae: SAE = load_registered(path, format=format, device=device, dtype=dtype,
-                                   hook_name=hook_name, subfolder=subfolder)
+                                   hook_name=hook_name, subfolder=subfolder,
+                                   activation_space=activation_space)
+        return sae
+
+    @classmethod
+    def from_pretrained(cls, release: str, sae_id: str, *,
+                        device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None) -> SAE:
+        """SAELens's ``SAE.from_pretrained(release, sae_id)``: the release looked up in
+        SAELens's registry when installed (else ``release`` is a hub ``org/repo`` and
+        ``sae_id`` its subfolder), fetched with huggingface_hub, loaded by :meth:`load`. An
+        unknown release or sae_id lists the nearest valid ones.
+        """
+        from saebridge.sae.pretrained import from_pretrained
+
+        sae: SAE = from_pretrained(release, sae_id, device=device, dtype=dtype)
         return sae
 
     def save(self, path: str | os.PathLike[str], *, format: str = "saelens") -> None:
@@ -278,7 +305,9 @@ class SAE(nn.Module):
     # ---- nn.Module plumbing ---------------------------------------------------------
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SAE:
-        # .to(), .cuda(), .half() … all go through here: keep cfg telling the truth.
+        # .to(), .cuda(), .half() … all go through here: keep cfg telling the truth. An empty
+        # probe shows where fn sends tensors, so a move to meta is refused before any moves.
+        torch_device(fn(self.W_enc.new_empty(0)).device)
         super()._apply(fn, recurse)
         self.cfg.dtype = dtype_name(self.W_enc.dtype)
         self.cfg.device = str(self.W_enc.device)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from saebridge.errors import SAEFormatError, ShapeError
+from saebridge.errors import DeviceError, SAEFormatError, ShapeError
 from saebridge.sae.config import SAEConfig
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -21,6 +21,36 @@ OPTIONAL_PARAMETERS = ("b_enc", "threshold", "b_gate", "b_mag", "r_mag")
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float32`` → ``"float32"`` (SAELens's spelling in cfg.json)."""
     return str(dtype).removeprefix("torch.")
+
+
+def torch_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device` that can hold an SAE's weights on this machine.
+
+    Raises:
+        DeviceError: not a device, a device this machine does not have (``cuda:7`` on a
+            machine without it), or ``meta``, which holds shapes but no data.
+
+    >>> torch_device("cpu")
+    device(type='cpu')
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceError(f"{device!r} is not a torch device ({err}). Use e.g. 'cpu', 'cuda' "
+                          "or 'cuda:1'.") from err
+    if dev.type == "meta":
+        raise DeviceError(
+            "an SAE cannot live on the meta device: meta tensors hold shapes but no data, so "
+            "it could neither run nor be saved. Load or move it to 'cpu' or a GPU.")
+    backend = getattr(torch, dev.type, None) if dev.type != "cpu" else None
+    if backend is not None and hasattr(backend, "is_available"):
+        count = getattr(backend, "device_count", lambda: 1)() if backend.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            have = f"devices {dev.type}:0 to {dev.type}:{count - 1}" if count else \
+                f"no {dev.type} device"
+            raise DeviceError(f"device {str(dev)!r} is not available: this machine has {have}. "
+                              "Pass an available device, e.g. device='cpu'.")
+    return dev
 
 
 def parameter_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
