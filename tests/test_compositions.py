@@ -269,3 +269,14 @@ def test_a_transcoder_then_an_sae_as_saelens(backend, models, refs):
     got = models(*backend).run_with_saes(TOKENS, [tc, sae])
     want = _saelens_logits(refs("tl-processed"), [], [tc, sae], TOKENS)
     assert logprob_gap(got, want) <= TOL
+
+
+def test_head_shaped_views_of_the_stream_keep_the_written_mean(models):
+    """``hook_attn_in`` repeats ``resid_pre`` over the heads: after an edit wrote a mean
+    into the stream, each head's copy shows it, as the stream itself does."""
+    model = models("hf")
+    steer = sb.Steer("blocks.0.hook_resid_post", torch.full((64,), 0.5))
+    names = ["blocks.1.hook_resid_pre", "blocks.1.hook_attn_in"]
+    _, cache = model.run_with_cache(TOKENS, names=names, interventions=[steer])
+    resid, heads = cache["blocks.1.hook_resid_pre"], cache["blocks.1.hook_attn_in"]
+    torch.testing.assert_close(heads, resid.unsqueeze(2).expand_as(heads), atol=1e-5, rtol=0)

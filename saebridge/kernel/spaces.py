@@ -58,7 +58,12 @@ def resolve(conv: Conv, x: Tensor, state: dict) -> Conv:
         return conv
     shift = -x.mean(-1, keepdim=True)
     written = state.get(conv.acc)
-    return Conv(shift=shift if written is None else shift + written.to(shift))
+    if written is None:
+        return Conv(shift=shift)
+    # [batch, pos, 1]; a site repeating the stream over heads ([batch, pos, heads, d]) has
+    # the same value in each head.
+    written = written.reshape(*written.shape[:-1], *[1] * (x.dim() - written.dim()), 1)
+    return Conv(shift=shift + written.to(shift))
 
 
 def track(state: dict, keys: tuple[str, ...], old: Tensor, new: Tensor) -> None:
