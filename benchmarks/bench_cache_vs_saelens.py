@@ -41,10 +41,10 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars on either side (before tqdm)
+
 import torch
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars on either side
-warnings.filterwarnings("ignore", module="sae_lens")  # "not tokenized", "fewer samples"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from common import HOOK, table
@@ -53,6 +53,7 @@ import saebridge as sb
 
 CONTEXT, BATCH = 128, 4
 D_MODEL = 768
+TOKENS_PER_SHARD = 2048  # --tokens-per-shard
 
 
 def build(layers: int):
@@ -161,8 +162,12 @@ def check_same(ht, model, ds, n_batches: int) -> str:
         their_acts = lens[HOOK].reshape(-1, D_MODEL)
     if not torch.equal(toks, their_toks):
         raise AssertionError(f"token windows differ: {toks.shape} vs {their_toks.shape}")
-    diff = (acts - their_acts).abs().max().item()
-    return f"{toks.numel()} tokens, identical token ids, activations max |diff| {diff:.2e}"
+    raw = (acts - their_acts).abs().max().item()
+    centred = (acts - (their_acts - their_acts.mean(-1, keepdim=True))).abs().max().item()
+    return (f"{toks.numel()} tokens, identical token ids; activations max |diff| {raw:.2e} "
+            f"as stored, {centred:.2e} after centring SAELens's over d_model (saebridge "
+            "stores the residual in its canonical space, TransformerLens's processed one, "
+            "which is centred)")
 
 
 def time_both(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict]:
@@ -200,6 +205,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", module="sae_lens")  # "not tokenized", "fewer samples"
     TOKENS_PER_SHARD = args.tokens_per_shard
     ht, tok = build(args.layers)
     model = sb.wrap(ht, tokenizer=tok)
@@ -238,8 +244,6 @@ def main() -> None:
                 in_tmp(lambda p: saelens_disk(ht, ds, n_tokens, p)))
         profile("sb.cache_activations", in_tmp(lambda p: saebridge_disk(model, ds, p)))
 
-
-TOKENS_PER_SHARD = 2048
 
 if __name__ == "__main__":
     main()
