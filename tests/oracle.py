@@ -127,11 +127,15 @@ def _edit_hook(edit: Edit):
 
 def reference(model, comp: Composition, tokens: torch.Tensor) -> torch.Tensor:
     """Logits of ``comp`` on ``model`` (from :func:`tl_model`)."""
-    steer_hooks = [(h, _steer_hook(v, c, p)) for h, v, c, p in comp.steers]
+    return _run(model, comp, tokens, [(h, _steer_hook(v, c, p)) for h, v, c, p in comp.steers])
+
+
+def _run(model, comp: Composition, tokens: torch.Tensor, extra_hooks: list) -> torch.Tensor:
+    """``comp`` plus ``extra_hooks`` on ``model``: through SAELens when installed."""
     with torch.no_grad():
         if HAS_SAELENS:
-            return _saelens(model, comp, tokens, steer_hooks)
-        return _by_hand(model, comp, tokens, steer_hooks)
+            return _saelens(model, comp, tokens, extra_hooks)
+        return _by_hand(model, comp, tokens, extra_hooks)
 
 
 def _saelens(model, comp: Composition, tokens, steer_hooks) -> torch.Tensor:
@@ -172,11 +176,7 @@ def reference_cache(model, saes: list[sb.SAE], name: str, tokens: torch.Tensor
         seen["x"] = x.detach().clone()
         return x
 
-    with torch.no_grad():
-        if HAS_SAELENS:
-            _saelens(model, comp, tokens, [(name, keep)])
-        else:
-            _by_hand(model, comp, tokens, [(name, keep)])
+    _run(model, comp, tokens, [(name, keep)])
     return seen["x"]
 
 

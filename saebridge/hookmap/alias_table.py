@@ -53,6 +53,17 @@ class Sides:
         return Sides(fill(self.output), fill(self.input), self.why_not)
 
 
+# The sides sparsify's module names have in every architecture (module paths differ):
+BLOCK_SIDES = Sides(AliasSite(B + "hook_resid_post"), AliasSite(B + "hook_resid_pre"))
+"""A block reads the residual stream and writes it back."""
+ATTN_SIDES = Sides(AliasSite(B + "hook_attn_out"), AliasSite(B + "ln1.hook_normalized", "ln1"))
+"""The attention module: reads ``ln1``'s output (gain and bias applied), writes attn_out."""
+MLP_SIDES = Sides(AliasSite(B + "hook_mlp_out"), AliasSite(B + "ln2.hook_normalized", "ln2"))
+"""The MLP module: reads ``ln2``'s output (gain and bias applied), writes mlp_out."""
+MLP_OUT_PROJ_SIDES = Sides(AliasSite(B + "hook_mlp_out"), AliasSite(B + "mlp.hook_post"))
+"""The MLP's output projection: reads ``mlp.hook_post``, writes mlp_out."""
+
+
 @dataclass(frozen=True)
 class AliasTable:
     """One family's site names for some architectures: pattern (``{layer}`` for the block

@@ -25,7 +25,15 @@ from typing import Any
 
 import torch
 
-from saebridge.hookmap.alias_table import AliasSite, AliasTable, B, Sides
+from saebridge.hookmap.alias_table import (
+    ATTN_SIDES,
+    BLOCK_SIDES,
+    MLP_SIDES,
+    AliasSite,
+    AliasTable,
+    B,
+    Sides,
+)
 from saebridge.hookmap.architecture import Architecture, TinySpec
 from saebridge.hookmap.llama import CONFIG, attention_sites, rms_tl_weights
 from saebridge.hookmap.site import HookMap, Site, norm_scale, split_inputs
@@ -105,10 +113,9 @@ SPARSIFY = AliasTable(
     family="sparsify", architectures=("Gemma2ForCausalLM",), hints=("gemma-2", "gemma2"),
     entries={
         "embed_tokens": Sides(AliasSite("hook_embed")),
-        "layers.{layer}": Sides(AliasSite(B + "hook_resid_post"), AliasSite(B + "hook_resid_pre")),
-        "layers.{layer}.self_attn": Sides(None, AliasSite(B + "ln1.hook_normalized", "ln1"),
-                                          NORMED),
-        "layers.{layer}.mlp": Sides(None, AliasSite(B + "ln2.hook_normalized", "ln2"), NORMED),
+        "layers.{layer}": BLOCK_SIDES,
+        "layers.{layer}.self_attn": Sides(None, ATTN_SIDES.input, NORMED),
+        "layers.{layer}.mlp": Sides(None, MLP_SIDES.input, NORMED),
         "layers.{layer}.post_attention_layernorm": Sides(AliasSite(B + "hook_attn_out")),
         "layers.{layer}.post_feedforward_layernorm": Sides(AliasSite(B + "hook_mlp_out"))})
 

@@ -23,7 +23,16 @@ from typing import Any
 
 import torch
 
-from saebridge.hookmap.alias_table import AliasSite, AliasTable, B, Sides
+from saebridge.hookmap.alias_table import (
+    ATTN_SIDES,
+    BLOCK_SIDES,
+    MLP_OUT_PROJ_SIDES,
+    MLP_SIDES,
+    AliasSite,
+    AliasTable,
+    B,
+    Sides,
+)
 from saebridge.hookmap.architecture import Architecture, TinySpec
 from saebridge.hookmap.site import (
     EAGER,
@@ -141,18 +150,14 @@ SPARSIFY = AliasTable(
     entries={
         "wte": Sides(AliasSite("hook_embed"), None, "its input is token ids"),
         "wpe": Sides(AliasSite("hook_pos_embed"), None, "its input is positions"),
-        "h.{layer}": Sides(AliasSite(B + "hook_resid_post"), AliasSite(B + "hook_resid_pre")),
-        "h.{layer}.attn": Sides(AliasSite(B + "hook_attn_out"),
-                                AliasSite(B + "ln1.hook_normalized", affine="ln1")),
+        "h.{layer}": BLOCK_SIDES,
+        "h.{layer}.attn": ATTN_SIDES,
         "h.{layer}.attn.c_proj": Sides(AliasSite(B + "hook_attn_out"),
                                        AliasSite(B + "attn.hook_z")),
-        "h.{layer}.mlp": Sides(AliasSite(B + "hook_mlp_out"),
-                               AliasSite(B + "ln2.hook_normalized", affine="ln2")),
-        "h.{layer}.mlp.c_fc": Sides(AliasSite(B + "mlp.hook_pre"),
-                                    AliasSite(B + "ln2.hook_normalized", affine="ln2")),
+        "h.{layer}.mlp": MLP_SIDES,
+        "h.{layer}.mlp.c_fc": Sides(AliasSite(B + "mlp.hook_pre"), MLP_SIDES.input),
         "h.{layer}.mlp.act": Sides(AliasSite(B + "mlp.hook_post"), AliasSite(B + "mlp.hook_pre")),
-        "h.{layer}.mlp.c_proj": Sides(AliasSite(B + "hook_mlp_out"),
-                                      AliasSite(B + "mlp.hook_post")),
+        "h.{layer}.mlp.c_proj": MLP_OUT_PROJ_SIDES,
         "h.{layer}.ln_1": Sides(None, AliasSite(B + "hook_resid_pre"), LN_OUT),
         "h.{layer}.ln_2": Sides(None, None, LN_OUT + "; its input (resid_pre + attn_out) "
                                 "is hook_resid_mid, which has no module boundary"),

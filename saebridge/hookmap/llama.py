@@ -24,7 +24,15 @@ from __future__ import annotations
 
 import torch
 
-from saebridge.hookmap.alias_table import AliasSite, AliasTable, B, Sides
+from saebridge.hookmap.alias_table import (
+    ATTN_SIDES,
+    BLOCK_SIDES,
+    MLP_OUT_PROJ_SIDES,
+    MLP_SIDES,
+    AliasSite,
+    AliasTable,
+    Sides,
+)
 from saebridge.hookmap.architecture import Architecture, TinySpec
 from saebridge.hookmap.site import (
     EAGER,
@@ -170,13 +178,10 @@ SPARSIFY = AliasTable(
     hints=("llama", "mistral", "smollm"),
     entries={
         "embed_tokens": Sides(AliasSite("hook_embed")),
-        "layers.{layer}": Sides(AliasSite(B + "hook_resid_post"), AliasSite(B + "hook_resid_pre")),
-        "layers.{layer}.self_attn": Sides(AliasSite(B + "hook_attn_out"),
-                                          AliasSite(B + "ln1.hook_normalized", "ln1")),
-        "layers.{layer}.mlp": Sides(AliasSite(B + "hook_mlp_out"),
-                                    AliasSite(B + "ln2.hook_normalized", "ln2")),
-        "layers.{layer}.mlp.down_proj": Sides(AliasSite(B + "hook_mlp_out"),
-                                              AliasSite(B + "mlp.hook_post"))})
+        "layers.{layer}": BLOCK_SIDES,
+        "layers.{layer}.self_attn": ATTN_SIDES,
+        "layers.{layer}.mlp": MLP_SIDES,
+        "layers.{layer}.mlp.down_proj": MLP_OUT_PROJ_SIDES})
 
 ARCHITECTURE = Architecture(
     name="llama",

@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 
-from saebridge.hookmap.alias_table import AliasSite, AliasTable, B, Sides
+from saebridge.hookmap.alias_table import (
+    ATTN_SIDES,
+    BLOCK_SIDES,
+    MLP_OUT_PROJ_SIDES,
+    MLP_SIDES,
+    AliasSite,
+    AliasTable,
+    Sides,
+)
 from saebridge.hookmap.architecture import Architecture, TinySpec
 from saebridge.hookmap.site import (
     EAGER,
@@ -141,13 +149,10 @@ SPARSIFY = AliasTable(
     family="sparsify", architectures=("GPTNeoXForCausalLM",), hints=("pythia", "neox"),
     entries={
         "embed_in": Sides(AliasSite("hook_embed")),
-        "layers.{layer}": Sides(AliasSite(B + "hook_resid_post"), AliasSite(B + "hook_resid_pre")),
-        "layers.{layer}.attention": Sides(AliasSite(B + "hook_attn_out"),
-                                          AliasSite(B + "ln1.hook_normalized", "ln1")),
-        "layers.{layer}.mlp": Sides(AliasSite(B + "hook_mlp_out"),
-                                    AliasSite(B + "ln2.hook_normalized", "ln2")),
-        "layers.{layer}.mlp.dense_4h_to_h": Sides(AliasSite(B + "hook_mlp_out"),
-                                                  AliasSite(B + "mlp.hook_post"))})
+        "layers.{layer}": BLOCK_SIDES,
+        "layers.{layer}.attention": ATTN_SIDES,
+        "layers.{layer}.mlp": MLP_SIDES,
+        "layers.{layer}.mlp.dense_4h_to_h": MLP_OUT_PROJ_SIDES})
 
 ARCHITECTURE = Architecture(
     name="neox",

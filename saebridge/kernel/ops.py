@@ -132,15 +132,22 @@ def _outputs(recons: Tensor, x_sae: Tensor, use_error_term: bool, records: Recor
     zero error, as SAELens's ``exclude_special_tokens`` leaves them."""
     error = x_sae - recons
     out = recons + error if use_error_term else recons
-    if bypass is not None:
-        mask = _per_position(bypass, x_sae)
-        error = torch.where(mask, torch.zeros_like(error), error)
-        out = torch.where(mask, x_sae, out)
+    error, out = _bypass_records(error, out, x_sae, bypass)
     flat = records.get("hook_sae_input")
     # SAELens records a hook_z SAE's reconstruction flat, [..., d_in] like its input.
     kept = recons.flatten(-2) if flat is not None and recons.dim() == flat.dim() + 1 else recons
     records.update(zip(SAE_HOOKS[3:], (kept, error, out), strict=True))
     return out
+
+
+def _bypass_records(error: Tensor, out: Tensor, x_sae: Tensor, bypass: Tensor | None
+                    ) -> tuple[Tensor, Tensor]:
+    """``error`` and ``out`` with, at the ``bypass`` positions, a zero error and the input
+    itself as the output (SAELens's ``exclude_special_tokens``)."""
+    if bypass is None:
+        return error, out
+    mask = _per_position(bypass, x_sae)
+    return torch.where(mask, torch.zeros_like(error), error), torch.where(mask, x_sae, out)
 
 
 def _bypassed(x: Tensor, new: Tensor, bypass: Tensor | None) -> Tensor:
@@ -199,10 +206,7 @@ def splice_hooked(sae: SAEData, x: Tensor, conv: Conv, use_error_term: bool, nam
         clean = acts.recons if x_in is xf else impl.run(xf).recons
         error = at("hook_sae_error", x0 - clean.reshape(x0.shape))
         out = out + error
-    if bypass is not None:
-        mask = _per_position(bypass, x0)
-        error = torch.where(mask, torch.zeros_like(error), error)
-        out = torch.where(mask, x0, out)
+    error, out = _bypass_records(error, out, x0, bypass)
     out = at("hook_sae_output", out)
     records = dict(zip(SAE_HOOKS, (x_in, acts.acts_pre, post, recons, error, out), strict=True))
     return _bypassed(x, write_back(sae, x, view, out), bypass), records
