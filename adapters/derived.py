@@ -147,14 +147,15 @@ def norm_scale(eps: float, centre: bool) -> _Derived:
     return _Derived(fn)
 
 
-def head_result(out_proj: nn.Module, n_heads: int, offset: Callable[[], Tensor | float]
-                ) -> _Derived:
+def head_result(out_proj: nn.Module, n_heads: int, offset: Callable[[], Tensor | float],
+                weight: Callable[[], Tensor] | None = None) -> _Derived:
     """Each head's ``hook_z`` (``[..., head, d_head]``, less ``offset()``: the value bias
-    the canonical space folds into ``b_O``) times its rows of ``out_proj``'s weight."""
+    the canonical space folds into ``b_O``) times its rows of ``out_proj``'s weight
+    (``weight()``, where an offloaded module's own is on ``meta`` before its forward)."""
     def fn(z: Tensor) -> Tensor:
-        weight = out_proj.weight  # Conv1D: [in, out]; nn.Linear: [out, in]
-        w_in_out = weight.T if isinstance(out_proj, nn.Linear) else weight
-        w_HdM = w_in_out.reshape(n_heads, -1, w_in_out.shape[-1]).to(z.dtype)
+        w = out_proj.weight if weight is None else weight()
+        w_in_out = w.T if isinstance(out_proj, nn.Linear) else w  # Conv1D: [in, out]
+        w_HdM = w_in_out.reshape(n_heads, -1, w_in_out.shape[-1]).to(z.device, z.dtype)
         off = offset()
         z = z - (off.to(z) if isinstance(off, Tensor) else off)
         return torch.einsum("...hd,hdm->...hm", z, w_HdM)
@@ -176,8 +177,10 @@ def recorded(attention: nn.Module, what: str) -> _Derived:
 
 
 def converter(site: Site, module: nn.Module, n_heads: int, n_kv_heads: int,
-              offset: Callable[[], Tensor | float]) -> _Derived:
-    """The ``convert`` of a derived ``site`` read at ``module`` (the module it names)."""
+              offset: Callable[[], Tensor | float],
+              weight: Callable[[], Tensor] | None = None) -> _Derived:
+    """The ``convert`` of a derived ``site`` read at ``module`` (the module it names);
+    ``weight()`` reads the module's weight where it is not in the module (offloaded)."""
     how = site.derive or ""
     if how in ("heads", "kv_heads"):
         return repeat_heads(n_heads if how == "heads" else n_kv_heads)
@@ -186,7 +189,7 @@ def converter(site: Site, module: nn.Module, n_heads: int, n_kv_heads: int,
         eps = getattr(module, "variance_epsilon", 1e-5) if eps is None else eps
         return norm_scale(float(eps), centre=how == "scale:LN")
     if how == "result":
-        return head_result(module, n_heads, offset)
+        return head_result(module, n_heads, offset, weight)
     if how in ("scores", "rot_q", "rot_k"):
         return recorded(module, how)
     raise UnsupportedArchitectureError(f"hook map site {site.module!r} has derive={how!r}; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -80,6 +81,7 @@ class HFAdapter:
         weights map), one at a time."""
         self.weights.check()
         self._norms: dict[str, Unnorm] = {}
+        self._copies: dict[str, Tensor] = {}  # offloaded weights read for derived hooks
 
     @property
     def device(self) -> torch.device:
@@ -146,8 +148,10 @@ class HFAdapter:
             # its gain and bias with copies read once through accelerate's weights map.
             layout, unnorm = Layout(), self._unnorm(prefix + site.module, layout.unnorm)
         if site.derive is not None:  # computed from this module's tensor, read-only
-            unnorm = derived.converter(site, self._modules[prefix + site.module], self.n_heads,
-                                       self._n_kv_heads(), self._value_offset(name))
+            path = prefix + site.module
+            weight = partial(self._weight, path) if self.weights.dispatched else None
+            unnorm = derived.converter(site, self._modules[path], self.n_heads,
+                                       self._n_kv_heads(), self._value_offset(name), weight)
         return Location(prefix + site.module, site.io, site.index, site.arg, site.kwarg,
                         layout, self.n_heads, self.d_head,
                         None if site.residual_from is None else prefix + site.residual_from,
@@ -175,6 +179,13 @@ class HFAdapter:
         return derived.eager_attention(self.model, [
             self._modules[self.prefix + s.module] for s in sites.values()
             if s.derive in ("scores", "rot_q", "rot_k")])
+
+    def _weight(self, path: str) -> Tensor:
+        """``path``'s weight read once through accelerate's weights map (offloaded)."""
+        key = path + ".weight"
+        if key not in self._copies:
+            self._copies[key] = self.weights[key]
+        return self._copies[key]
 
     def _unnorm(self, path: str, kind: str) -> Unnorm:
         if path not in self._norms:

@@ -1,6 +1,7 @@
 """Runs of nnsight models as data: remote runs of the common front (:class:`RemoteModel`),
-and :func:`splice`/:func:`steer` inside a user's own nnsight trace (prepared beforehand
-with :func:`prepare_splice`/:func:`prepare_steer` for a remote one).
+and :func:`steer` inside a user's own nnsight trace (prepared beforehand with
+:func:`prepare_splice`/:func:`prepare_steer` for a remote one; ``sb.splice`` is
+:mod:`.nnsight_latents`).
 
 The engine compiles interventions to kernel steps
 (:func:`saebridge.engine.compile_steps`): an SAE as its tensors and spec (each SAE once,
@@ -187,16 +188,12 @@ def prepare_steer(model: Any, hook: str, vector: Tensor, coef: float = 1.0,
     return _prepare(in_trace_adapter(model), [Steer(hook, vector, coef, positions)], None)
 
 
-def _envoy(model: Any) -> Any:
+def envoy_of(model: Any) -> Any:
+    """The nnsight envoy behind ``model`` (a wrapped nnsight model, or the envoy itself)."""
     return getattr(model.adapter, "envoy", model) if isinstance(model, Model) else model
-
-
-def splice(model: Any, sae: SAE, use_error_term: bool = False) -> Tensor:
-    """Splice ``sae`` in at its hook from inside an nnsight trace; its latents."""
-    return prepare_splice(model, sae, use_error_term)(_envoy(model))
 
 
 def steer(model: Any, hook: str, vector: Tensor, coef: float = 1.0,
           positions: Positions = None) -> None:
     """Add ``coef * vector`` at ``hook`` (at ``positions``) from inside an nnsight trace."""
-    prepare_steer(model, hook, vector, coef, positions)(_envoy(model))
+    prepare_steer(model, hook, vector, coef, positions)(envoy_of(model))

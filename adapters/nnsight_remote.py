@@ -108,20 +108,15 @@ def read_logits(tracer: Any, root: Any, step: int) -> Tensor:
     return getattr(out, "logits", out)  # an HF ModelOutput, or TransformerLens's tensor
 
 
-def visit(root: Any, v: Visit, stash: dict[str, Tensor]) -> None:
-    """Read one location, run each view's function on it, write it back when changed."""
+def visit(root: Any, v: Visit, stash: dict[str, Tensor]) -> Any:
+    """Read one location, run each view's function on it, write it back when changed; the
+    value written (an output, or the ``(args, kwargs)`` of an input), None if unchanged."""
     envoy = root.get(v.path) if v.path else root
-    kwargs: dict = {}
-    if v.side == "output":
-        value = envoy.output
-        items = list(value) if isinstance(value, tuple) else [value]
-    else:
-        args, kwargs = envoy.inputs
-        items, kwargs = list(args), dict(kwargs)
+    value = envoy.output if v.side == "output" else envoy.inputs
+    items, kwargs = unpack(v.side, value)
     changed = False
     for loc, fn in v.views:
-        slot = (loc.index or 0) if v.side == "output" else (
-            loc.arg if len(items) > loc.arg else loc.kwarg)
+        slot = slot_of(loc, v.side, items)
         t = kwargs[slot] if isinstance(slot, str) else items[slot]
         residual = stash[loc.residual] if loc.residual is not None else None
         new = apply_at(loc, t, fn, residual, envoy)
@@ -135,11 +130,36 @@ def visit(root: Any, v: Visit, stash: dict[str, Tensor]) -> None:
     if v.stash is not None:
         stash[v.path] = items[0] if items else kwargs[v.stash]
     if not changed:
-        return
+        return None
+    written = pack(v.side, value, items, kwargs)
     if v.side == "input":
-        envoy.inputs = (tuple(items), kwargs)
+        envoy.inputs = written
     else:
-        envoy.output = tuple(items) if isinstance(value, tuple) else items[0]
+        envoy.output = written
+    return written
+
+
+def unpack(side: str, value: Any) -> tuple[list, dict]:
+    """The positional items and keywords of a location's value: an output (a tuple or
+    one tensor) or an input's ``(args, kwargs)``."""
+    if side == "output":
+        return (list(value) if isinstance(value, tuple) else [value]), {}
+    args, kwargs = value
+    return list(args), dict(kwargs)
+
+
+def pack(side: str, value: Any, items: list, kwargs: dict) -> Any:
+    """:func:`unpack` undone, shaped like the location's original ``value``."""
+    if side == "input":
+        return tuple(items), kwargs
+    return tuple(items) if isinstance(value, tuple) else items[0]
+
+
+def slot_of(loc: Location, side: str, items: list) -> int | str:
+    """Where ``loc``'s tensor sits: an output's index, an input's position or keyword."""
+    if side == "output":
+        return loc.index or 0
+    return loc.arg if len(items) > loc.arg else loc.kwarg  # type: ignore[return-value]
 
 
 class Prepared:

@@ -229,6 +229,7 @@ register(Backend("hf", ("transformers.modeling_utils.PreTrainedModel",),
 register(Backend("nnsight", ("nnsight.intervention.envoy.Envoy",),  # NNsight, LanguageModel, …
                  "saebridge.adapters.nnsight_plan:adapter_for", "nnsight",
                  {"UnifiedTransformer": "saebridge.adapters.nnsight_tl:UnifiedTransformer",
+                  "splice": "saebridge.adapters.nnsight_latents:splice",
                   **{f: f"saebridge.adapters.nnsight_plan:{f}"
-                     for f in ("splice", "steer", "prepare", "prepare_splice",
+                     for f in ("steer", "prepare", "prepare_splice",
                                "prepare_steer")}}))

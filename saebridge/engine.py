@@ -136,13 +136,34 @@ class Plan:
 def check(adapter: Any, ops: Iterable[Intervention], names: Iterable[str] = ()) -> None:
     """Refuse unknown hooks, and writes at read-only ones, before anything runs."""
     for op in ops:
-        adapter.kind(op.hook)  # unknown hooks fail here, before the forward
+        kind = adapter.kind(op.hook)  # unknown hooks fail here, before the forward
         if op.writes and not adapter.writable(op.hook):
             raise UnknownHookError(
                 f"hook {op.hook!r} can be read but not written on the {adapter.backend} "
                 "backend (no module boundary carries it). Intervene at another hook.")
+        if kind == "normed" and op.writes:
+            _check_normed_write(adapter, op)
     for name in names:
         adapter.kind(name)
+
+
+def _check_normed_write(adapter: Any, op: Intervention) -> None:
+    """Refuse an unfolded-space SAE's write at a LayerNorm output of a ``fold_ln`` model:
+    the folded model reads it through centred weights and drops the mean the SAE's own
+    space would keep, which no value at that site can restore."""
+    sae: Any = getattr(op, "sae", None)
+    unchanged = getattr(op, "use_error_term", False) and not getattr(op, "latent_hooks", ())
+    if sae is None or unchanged or not adapter.space.fold_ln:
+        return  # no SAE space, or the (mean-free) value itself written back
+    if sae.cfg.activation_space.fold_ln:
+        return
+    raise SpaceConversionError(
+        f"SAE at {op.hook!r} was trained in space {sae.cfg.activation_space.name!r} (LayerNorm "
+        f"not folded), but this {adapter.backend} model is {adapter.space.name!r}: fold_ln "
+        "centred the weights that read this LayerNorm output, so the mean of what the SAE "
+        "writes here would be dropped. Splice it into an unfolded model (the HF model, or "
+        "saebridge.adapters.transformer_lens.from_hf(..., fold_ln=False)), use "
+        "use_error_term=True, or use an SAE trained on the folded model.")
 
 
 def _tracker(adapter: Any, ops: Sequence[Intervention], stats: RawStats | None,
@@ -162,7 +183,17 @@ def _tracker(adapter: Any, ops: Sequence[Intervention], stats: RawStats | None,
             "saebridge.adapters.transformer_lens.from_hf() or "
             "saebridge.adapters.tl_bridge.bridge_from_hf() (they record them), or "
             "wrap an unprocessed one.")
-    return RawMeanTracker(stats, adapter.space, tokens)
+    return RawMeanTracker(stats, adapter.space, tokens, _has_resid_mid(adapter))
+
+
+def _has_resid_mid(adapter: Any) -> bool:
+    """Whether blocks run attention before the MLP (no parallel residual): then
+    ``hook_mlp_in`` is ``hook_resid_mid``'s value, else the block input's."""
+    try:
+        adapter.kind("blocks.0.hook_resid_mid")
+    except UnknownHookError:
+        return False
+    return True
 
 
 def plan(adapter: Any, tokens_BP: Tensor, ops: Sequence[Intervention],

@@ -22,7 +22,7 @@ from saebridge.errors import ArgumentTypeError, ShapeError, UnknownHookError
 from saebridge.hookmap.space import CANONICAL
 from saebridge.interventions import SiteContext, Splice
 from saebridge.kernel.ops import SAE_HOOKS
-from saebridge.kernel.spaces import shift_for
+from saebridge.kernel.spaces import back, shift_for
 
 Tensor = torch.Tensor
 HookFunction = Callable[[Tensor, "HookPoint"], "Tensor | None"]
@@ -89,7 +89,8 @@ class HookFn:
     """Kept by ``reset_hooks()`` (TransformerLens's ``is_permanent``)."""
 
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
-        shift = shift_for(ctx.convert(CANONICAL, x), x)
+        conv = ctx.convert(CANONICAL, x)
+        shift = shift_for(conv, x)
         act = x if shift is None else x + shift
         version = act._version
         out = self.fn(act, self.point)
@@ -100,8 +101,7 @@ class HookFn:
         self._check(out, act)
         if out is x:  # a new object, so that every backend writes it back
             out = out.clone()
-        out = out.to(x.dtype)
-        return out if shift is None else out - shift
+        return back(conv, out.to(x.dtype), shift)
 
     def _check(self, out: Any, act: Tensor) -> None:
         what = f"hook function {_describe(self.fn)} at {self.hook!r}"

@@ -25,9 +25,12 @@ def splice(model: Any, sae: SAE, use_error_term: bool = False) -> Tensor:
 
     ``model`` is the nnsight model being traced (``LanguageModel``, ``NNsight`` over an HF
     model or a HookedTransformer, :class:`~saebridge.adapters.nnsight.UnifiedTransformer`).
-    Call it where the model has not yet reached the SAE's hook. In a trace that runs
-    remotely, prepare it beforehand with :func:`prepare_splice`: a remote body may not
-    name ``saebridge`` or an SAE module.
+    Call it where the model has not yet reached the SAE's hook. The latents are
+    editable, dictionary_learning's idiom: an in-place edit (``latents[..., f] = 0``) made
+    before the body reads anything later in the model reaches the model, as SAELens's
+    ``hook_sae_acts_post`` hook would (``saebridge.adapters.nnsight_latents``). In a trace
+    that runs remotely, prepare it beforehand with :func:`prepare_splice`: a remote body may
+    not name ``saebridge`` or an SAE module (its latents are then a record of the run).
 
     >>> import saebridge as sb
     >>> from nnsight import LanguageModel
@@ -42,6 +45,12 @@ def splice(model: Any, sae: SAE, use_error_term: bool = False) -> Tensor:
     >>> latents.shape[-1], torch.allclose(logits, sb.wrap(lm).run_with_saes(tokens, [sae]),
     ...                                   atol=1e-5)
     (256, True)
+    >>> with lm.trace(tokens):
+    ...     latents = sb.splice(lm, sae)
+    ...     latents[..., latents[0, -1].argmax()] = 0.0  # reaches the model
+    ...     edited = lm.output.logits.save()
+    >>> torch.allclose(edited, logits, atol=1e-3)
+    False
     """
     return entry("nnsight", "splice")(model, sae, use_error_term)
 

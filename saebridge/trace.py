@@ -33,7 +33,7 @@ from saebridge.hookmap.convert import RawStats, conversion
 from saebridge.hookmap.space import CANONICAL
 from saebridge.hooks import HookFn, HookPoint, latent_base
 from saebridge.kernel.ops import SAE_HOOKS
-from saebridge.kernel.spaces import IDENTITY, Conv, forward, resolve, shift_for, track
+from saebridge.kernel.spaces import IDENTITY, Conv, back, forward, resolve, shift_for, track
 from saebridge.model import Model, TokensLike
 from saebridge.stop import reached, refuse_past, run_reading, stop_point
 
@@ -287,9 +287,8 @@ class Trace:
             raise ShapeError(f"value of shape {tuple(value.shape)} written to hook {name!r}, "
                              f"whose activations are {tuple(x.shape)}. Write a tensor of that "
                              "shape.")
-        shift = shift_for(self._to(name, x), x)  # the write goes back minus the read's shift
-        value = value.to(x.device, x.dtype)
-        new = value if shift is None else value - shift
+        conv = self._to(name, x)
+        new = back(conv, value.to(x.device, x.dtype), shift_for(conv, x))  # minus the read's shift
         assert self._plan is not None
         if latent_base(name) is None:
             track(self._plan.state, tracked(self.model.adapter, name), x, new)

@@ -142,6 +142,58 @@ def test_computed_hooks_are_read_only():
             model.run_with_interventions(TOKENS, [sb.Steer(name, torch.ones(width))])
 
 
+@pytest.mark.parametrize("where", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_write_at_hook_mlp_in_feeds_only_the_mlp_as_in_transformer_lens(family, where):
+    """``hook_mlp_in`` is the MLP's own copy of the stream (TransformerLens's
+    ``use_hook_mlp_in``): an edit there changes the MLP's input, not the residual."""
+    hf, tok, _ = built(family)
+    d = hf.config.hidden_size
+    vector = torch.linspace(-1.0, 3.0, d)
+
+    def edit(x, hook):
+        return 1.5 * x + vector
+
+    hooks = [("blocks.0.hook_mlp_in", edit)]
+    names = ["blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", "blocks.1.hook_resid_pre"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tl = from_hf(hf, tokenizer=tok)
+    tl.set_use_hook_mlp_in(True)
+    with tl.hooks(fwd_hooks=hooks):
+        want_logits, want = tl.run_with_cache(TOKENS, names_filter=names)
+    model = wrapped(family, where)
+    with model.hooks(fwd_hooks=hooks):
+        logits, got = model.run_with_cache(TOKENS, names=names)
+    for name in names:
+        if where == "bridge" and name.endswith("resid_mid"):
+            continue  # the bridge's own hook_resid_mid is ln2's input: it sees the edit too
+        torch.testing.assert_close(got[name], want[name], atol=5e-5, rtol=1e-4, msg=name)
+    gap = (logits.log_softmax(-1) - want_logits.log_softmax(-1)).abs().max()
+    assert gap < 1e-4
+    clean = model.run_with_cache(TOKENS, names=["blocks.0.hook_mlp_out"])[1]
+    assert not torch.allclose(clean["blocks.0.hook_mlp_out"], got["blocks.0.hook_mlp_out"])
+
+
+@pytest.mark.parametrize("space", ["tl-processed", "hf"])
+@pytest.mark.parametrize("where", ("hf-sdpa", "nnsight-hf"))
+def test_an_sae_spliced_at_hook_mlp_in_equals_transformer_lens(where, space):
+    hf, tok, _ = built("gpt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tl = from_hf(copy.deepcopy(hf), tokenizer=tok)
+    tl.set_use_hook_mlp_in(True)
+    sae = sb.SAE.random("topk", hf.config.hidden_size, 48, "blocks.1.hook_mlp_in", k=6, seed=3,
+                        activation_space=space)
+    steer = sb.Steer("blocks.0.hook_resid_post", torch.linspace(0.0, 2.0, 64))  # a mean
+    ops = [steer, sb.Splice(sae)]
+    want = sb.wrap(tl).run_with_interventions(TOKENS, ops)
+    got = wrapped("gpt2", where).run_with_interventions(TOKENS, ops)
+    gap = (got.log_softmax(-1) - want.log_softmax(-1)).abs().max()
+    assert gap < 1e-4
+    assert (want.log_softmax(-1) - sb.wrap(tl)(TOKENS).log_softmax(-1)).abs().max() > 1e-2
+
+
 def test_transformer_lens_without_the_flag_names_it():
     hf, tok, _ = built("gpt2")
     with warnings.catch_warnings():

@@ -37,8 +37,11 @@ class RawMeanTracker:
     answers the raw mean (``[batch, pos]``) of any residual or written site.
     """
 
-    def __init__(self, stats: RawStats, native: ActivationSpace, tokens_BP: Tensor) -> None:
+    def __init__(self, stats: RawStats, native: ActivationSpace, tokens_BP: Tensor,
+                 mlp_after_attn: bool = True) -> None:
         self.stats, self.native = stats, native
+        self.mlp_in = "hook_resid_mid" if mlp_after_attn else "hook_resid_pre"
+        """Whose value ``hook_mlp_in`` is: a parallel block's MLP reads the block input."""
         n_pos = tokens_BP.shape[1]
         self.embed_BP = stats.embed_mean_V[tokens_BP]
         self.pos_P = (stats.pos_mean_P[:n_pos] if stats.pos_mean_P is not None
@@ -61,6 +64,7 @@ class RawMeanTracker:
     def mean(self, name: str) -> Tensor:
         """Raw mean over d_model at a ``resid``/``write`` site, shape ``[batch, pos]``."""
         layer, rel = split(name)
+        rel = self.mlp_in if rel == "hook_mlp_in" else rel
         if rel == "hook_embed":
             return self.embed_BP
         if rel == "hook_pos_embed":
@@ -88,7 +92,11 @@ def edit_keys(name: str, kind: Kind) -> tuple[str, ...]:
     """The streams an edit at hook ``name`` writes into, as keys of a run's state under which
     :func:`saebridge.kernel.spaces.track` sums the mean it wrote: the residual stream (and,
     at a written site such as ``hook_attn_out``, that site itself); none elsewhere (the
-    writers of a centred model are mean-free whatever their inputs)."""
+    writers of a centred model are mean-free whatever their inputs). ``hook_mlp_in`` is the
+    MLP's own copy of the stream (TransformerLens's ``use_hook_mlp_in``), read through a
+    norm: an edit there writes into nothing."""
+    if name.endswith("hook_mlp_in"):
+        return ()
     if kind == "resid":
         return (EDITS + "resid",)
     if kind == "write":
@@ -123,7 +131,7 @@ def conversion(
                 return IDENTITY
             # What the centred model holds here: its writers are mean-free, but edits keep
             # the mean they wrote (as in SAELens on a processed TransformerLens model).
-            return Conv(center=True, acc=edit_keys(name, kind)[0])
+            return Conv(center=True, acc=EDITS + (name if kind == "write" else "resid"))
         if not src.center_writing_weights:
             return IDENTITY
         if tracker is None:
@@ -139,6 +147,11 @@ def conversion(
         # Per key/value head; shift_for repeats it to the site's query heads (GQA).
         shift = stats.value_offset(layer, src) - stats.value_offset(layer, dst)
         return Conv(shift=shift) if isinstance(shift, Tensor) else IDENTITY
+    if kind == "normed" and dst.fold_ln and not src.fold_ln:
+        # A folded model reads a LayerNorm's output through centred weights: what is
+        # written there counts without its mean (the reverse, a folded model with an
+        # unfolded SAE, cannot keep the mean at this site and is left as the model does).
+        return Conv(center_writes=True)
     return IDENTITY
 
 

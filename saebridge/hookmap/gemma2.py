@@ -72,7 +72,7 @@ GEMMA2 = HookMap(
         "hook_attn_out": Site(f"{BLOCK}.post_attention_layernorm", "output"),
         "hook_resid_mid": Site(f"{BLOCK}.post_attention_layernorm", "output",
                                residual_from=BLOCK),
-        "hook_mlp_in": Site(f"{BLOCK}.pre_feedforward_layernorm", "input", writable=False,
+        "hook_mlp_in": Site(f"{BLOCK}.pre_feedforward_layernorm", "input",
                             tl_flag="use_hook_mlp_in"),
         "ln2.hook_scale": norm_scale(f"{BLOCK}.pre_feedforward_layernorm", "RMS"),
         "ln2.hook_normalized": Site(f"{BLOCK}.pre_feedforward_layernorm", "output",

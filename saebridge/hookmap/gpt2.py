@@ -99,7 +99,7 @@ GPT2 = HookMap(
         "hook_resid_pre": Site(BLOCK, "input", kind="resid", kwarg="hidden_states"),
         **split_inputs(Site(BLOCK, "input", kind="resid", kwarg="hidden_states")),
         "ln1.hook_scale": norm_scale(f"{BLOCK}.ln_1", "LN"),
-        "ln1.hook_normalized": Site(f"{BLOCK}.ln_1", "output", layout="unaffine"),
+        "ln1.hook_normalized": Site(f"{BLOCK}.ln_1", "output", layout="unaffine", kind="normed"),
         "attn.hook_q": Site(f"{BLOCK}.attn.c_attn", "output", layout="qkv:0"),
         "attn.hook_k": Site(f"{BLOCK}.attn.c_attn", "output", layout="qkv:1"),
         "attn.hook_v": Site(f"{BLOCK}.attn.c_attn", "output", kind="v", layout="qkv:2"),
@@ -111,10 +111,9 @@ GPT2 = HookMap(
         "hook_attn_out": Site(f"{BLOCK}.attn", "output", kind="write", index=0),
         "hook_resid_mid": Site(f"{BLOCK}.attn", "output", kind="resid", index=0,
                                residual_from=BLOCK),
-        "hook_mlp_in": Site(f"{BLOCK}.ln_2", "input", kind="resid", writable=False,
-                            tl_flag="use_hook_mlp_in"),
+        "hook_mlp_in": Site(f"{BLOCK}.ln_2", "input", kind="resid", tl_flag="use_hook_mlp_in"),
         "ln2.hook_scale": norm_scale(f"{BLOCK}.ln_2", "LN"),
-        "ln2.hook_normalized": Site(f"{BLOCK}.ln_2", "output", layout="unaffine"),
+        "ln2.hook_normalized": Site(f"{BLOCK}.ln_2", "output", layout="unaffine", kind="normed"),
         "mlp.hook_pre": Site(f"{BLOCK}.mlp.c_fc", "output"),
         "mlp.hook_post": Site(f"{BLOCK}.mlp.c_proj", "input"),
         "hook_mlp_out": Site(f"{BLOCK}.mlp", "output", kind="write"),
@@ -122,7 +121,7 @@ GPT2 = HookMap(
     },
     after_blocks={
         "ln_final.hook_scale": norm_scale("ln_f", "LN"),
-        "ln_final.hook_normalized": Site("ln_f", "output", layout="unaffine"),
+        "ln_final.hook_normalized": Site("ln_f", "output", layout="unaffine", kind="normed"),
     },
 )
 

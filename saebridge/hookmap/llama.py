@@ -152,7 +152,7 @@ LLAMA = HookMap(
         **attention_sites(ATTN),
         "hook_attn_out": Site(ATTN, "output", index=0),
         "hook_resid_mid": Site(ATTN, "output", index=0, residual_from=BLOCK),
-        "hook_mlp_in": Site(f"{BLOCK}.post_attention_layernorm", "input", writable=False,
+        "hook_mlp_in": Site(f"{BLOCK}.post_attention_layernorm", "input",
                             tl_flag="use_hook_mlp_in"),
         "ln2.hook_scale": norm_scale(f"{BLOCK}.post_attention_layernorm", "RMS"),
         "ln2.hook_normalized": Site(f"{BLOCK}.post_attention_layernorm", "output",

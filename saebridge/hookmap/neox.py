@@ -96,7 +96,8 @@ NEOX = HookMap(
         "hook_resid_pre": Site(BLOCK, "input", kind="resid", kwarg="hidden_states"),
         **split_inputs(Site(BLOCK, "input", kind="resid", kwarg="hidden_states")),
         "ln1.hook_scale": norm_scale(f"{BLOCK}.input_layernorm", "LN"),
-        "ln1.hook_normalized": Site(f"{BLOCK}.input_layernorm", "output", layout="unaffine"),
+        "ln1.hook_normalized": Site(f"{BLOCK}.input_layernorm", "output", layout="unaffine",
+                                    kind="normed"),
         "attn.hook_q": Site(f"{BLOCK}.attention.query_key_value", "output",
                             layout="qkv-interleaved:0"),
         "attn.hook_k": Site(f"{BLOCK}.attention.query_key_value", "output",
@@ -116,10 +117,10 @@ NEOX = HookMap(
             "hook_resid_pre (what both read) or hook_resid_post."),
         # Parallel residual: the MLP's input is the block input, under its own norm.
         "hook_mlp_in": Site(f"{BLOCK}.post_attention_layernorm", "input", kind="resid",
-                            writable=False, tl_flag="use_hook_mlp_in"),
+                            tl_flag="use_hook_mlp_in"),
         "ln2.hook_scale": norm_scale(f"{BLOCK}.post_attention_layernorm", "LN"),
         "ln2.hook_normalized": Site(f"{BLOCK}.post_attention_layernorm", "output",
-                                    layout="unaffine"),
+                                    layout="unaffine", kind="normed"),
         "mlp.hook_pre": Site(f"{BLOCK}.mlp.dense_h_to_4h", "output"),
         "mlp.hook_post": Site(f"{BLOCK}.mlp.dense_4h_to_h", "input"),
         "hook_mlp_out": Site(f"{BLOCK}.mlp", "output", kind="write"),
@@ -127,7 +128,8 @@ NEOX = HookMap(
     },
     after_blocks={
         "ln_final.hook_scale": norm_scale("final_layer_norm", "LN"),
-        "ln_final.hook_normalized": Site("final_layer_norm", "output", layout="unaffine"),
+        "ln_final.hook_normalized": Site("final_layer_norm", "output", layout="unaffine",
+                                         kind="normed"),
     },
 )
 

@@ -15,11 +15,13 @@ import torch
 
 from saebridge.errors import UnsupportedArchitectureError
 
-Kind = Literal["resid", "write", "v", "plain"]
+Kind = Literal["resid", "write", "v", "normed", "plain"]
 """How TransformerLens processing changes a site (see :mod:`saebridge.hookmap.convert`):
 ``resid`` and ``write`` are centred by ``center_writing_weights``; ``v`` loses the value
-bias under ``fold_value_biases``; ``plain`` sites are the same in every space (``fold_ln``
-changes no hook: ``hook_normalized`` is taken before the gain and bias in every space).
+bias under ``fold_value_biases``; ``plain`` sites are the same in every space. ``normed``
+is a LayerNorm's ``hook_normalized``: read the same in every space (taken before the gain
+and bias), but ``fold_ln`` also centres the weights that read it, so a folded model drops
+the mean of a value written there and an unfolded one keeps it.
 Only LayerNorm models are centred: the residual and written sites of RMSNorm maps
 (Llama, Gemma-2) and of LayerNorm-free models are ``plain``."""
 

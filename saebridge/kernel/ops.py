@@ -21,8 +21,17 @@ import torch
 from saebridge.errors import DeviceError, ShapeError, UnknownHookError
 from saebridge.kernel.indexing import Positions, put_head, select_positions
 from saebridge.kernel.indexing import head as head_of
-from saebridge.kernel.sae import SAEData, decode, encode, forward_sparse, run
-from saebridge.kernel.spaces import Conv, shift_for
+from saebridge.kernel.sae import (
+    SAEData,
+    decode,
+    decode_linear,
+    encode,
+    finish,
+    forward_sparse,
+    prepare,
+    run,
+)
+from saebridge.kernel.spaces import Conv, back, shift_for
 
 # Names, not modules, are imported throughout the kernel: a module object referenced by
 # shipped code would be pickled whole (its spec and loader import importlib machinery).
@@ -67,6 +76,8 @@ class SAEView(NamedTuple):
     """The whole site in the SAE's space (every head)."""
     x_sae: Tensor
     """The part the SAE reads (one head when ``hook_head_index`` is set), in its dtype."""
+    conv: Conv = Conv()
+    """The conversion, for the way back (:func:`saebridge.kernel.spaces.back`)."""
 
 
 def sae_view(sae: SAEData, x: Tensor, conv: Conv, name: str) -> SAEView:
@@ -94,13 +105,13 @@ def sae_view(sae: SAEData, x: Tensor, conv: Conv, name: str) -> SAEView:
             "e.g. the device of its hook, model.adapter.device_of(hook_name).")
     shift = shift_for(conv, x)
     x_full = x if shift is None else x + shift
-    return SAEView(shift, x_full, head_of(x_full, head).to(w.device, w.dtype))
+    return SAEView(shift, x_full, head_of(x_full, head).to(w.device, w.dtype), conv)
 
 
 def write_back(sae: SAEData, x: Tensor, view: SAEView, new: Tensor) -> Tensor:
     """The site with the SAE's part replaced by ``new``, back in the model's space."""
     out = put_head(view.x_full, new.to(x.device, x.dtype), sae.spec.hook_head_index)
-    return out if view.shift is None else out - view.shift
+    return back(view.conv, out, view.shift)
 
 
 def reconstruct(impl: Any, x_sae: Tensor, mode: str) -> tuple[Tensor, Records]:
@@ -232,6 +243,18 @@ def edit_latents(sae: SAEData, x: Tensor, conv: Conv, features: list[int],
     return write_back(sae, x, view, view.x_sae + delta.reshape(view.x_sae.shape))
 
 
+def latent_delta(sae: SAEData, sae_input: Tensor, before: Tensor, after: Tensor) -> Tensor:
+    """What a pass's output changes by when its latents go from ``before`` to ``after``
+    (dense, of the pass whose ``hook_sae_input`` was ``sae_input``): ``recons(after) -
+    recons(before)``, flat ``[..., d_in]`` (``d_out`` for a transcoder). The error term is
+    the input's, so this is the change with or without ``use_error_term``; heads a
+    block-diagonal SAE passes through, and a transcoder's skip term, do not change."""
+    _, _, stats = prepare(sae, sae_input)
+    sae_input = sae_input.to(sae.params["W_dec"].dtype)
+    return (finish(sae, sae_input, sae_input, decode_linear(sae, after), stats)
+            - finish(sae, sae_input, sae_input, decode_linear(sae, before), stats))
+
+
 def transcoder_read(sae: SAEData, x: Tensor, conv: Conv,
                     gain_bias: tuple[Tensor, Tensor] | None, mode: str, name: str,
                     impl: Any = None) -> tuple[Tensor, Records]:
@@ -264,4 +287,4 @@ def transcoder_write(sae: SAEData, y: Tensor, conv: Conv, prediction: Tensor | N
     records: Records = {}
     out = _outputs(prediction.reshape(y_sae.shape), y_sae, use_error_term, records, bypass)
     new = out.to(y.device, y.dtype)
-    return _bypassed(y, new if shift is None else new - shift, bypass), records
+    return _bypassed(y, back(conv, new, shift), bypass), records

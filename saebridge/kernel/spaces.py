@@ -40,6 +40,9 @@ class Conv(NamedTuple):
     acc: str | None = None
     """With ``center``: the key, in a run's state, of the mean that edits wrote into this
     stream so far (``[batch, pos, 1]``), added back after centring (see :func:`resolve`)."""
+    center_writes: bool = False
+    """Writes go back mean-free (:func:`back`): the converted space's model drops a
+    written value's mean (``fold_ln`` centres the weights reading a LayerNorm's output)."""
 
 
 IDENTITY = Conv()
@@ -87,6 +90,17 @@ def shift_for(conv: Conv, x: Tensor) -> Tensor | None:
     if x.dim() >= 4 and shift.dim() >= 2 and shift.shape[-2] != x.shape[-2]:
         shift = shift.repeat_interleave(x.shape[-2] // shift.shape[-2], dim=-2)  # GQA
     return shift.to(x.device, x.dtype) if isinstance(shift, Tensor) else shift
+
+
+def back(conv: Conv, new: Tensor, shift: Tensor | None) -> Tensor:
+    """``new`` (in the converted space) back in the model's: minus the ``shift`` its read
+    added; with ``center_writes``, minus its mean over the last dimension too.
+
+    >>> back(Conv(center_writes=True), torch.tensor([[1.0, 3.0]]), None)
+    tensor([[-1.,  1.]])
+    """
+    out = new if shift is None else new - shift
+    return out - out.mean(-1, keepdim=True) if conv.center_writes else out
 
 
 def forward(conv: Conv, x: Tensor) -> Tensor:
