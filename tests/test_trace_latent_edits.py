@@ -159,3 +159,28 @@ def test_an_edit_that_raises_leaves_no_state(models):
     with lm.trace(TOKENS):
         out = lm.output.logits.save()
     assert logprob_gap(out, ref(TOKENS)) <= TOL
+
+
+def one_row_edit(acts: torch.Tensor) -> torch.Tensor:
+    acts[..., 3] = 0.0
+    acts[:, 2:5, 7] = 5.0
+    return acts
+
+
+def test_edits_in_batched_invokes_reach_only_their_rows(models):
+    lm, ref = models("nnsight-hf").adapter.envoy, models("hf")
+    sae = sb.SAE.random("topk", 64, 48, "blocks.1.hook_resid_pre", k=6, seed=8,
+                        activation_space="hf")
+    first, second = TOKENS[:1], TOKENS[1:]
+    with lm.trace() as tracer:
+        with tracer.invoke(first):
+            one_row_edit(sb.splice(lm, sae))
+            edited = lm.output.logits.save()
+        with tracer.invoke(second):
+            sb.splice(lm, sae)
+            plain = lm.output.logits.save()
+    with ref.saes([sae]):
+        want = ref.run_with_hooks(first, fwd_hooks=[
+            (f"{sae.cfg.hook_name}.hook_sae_acts_post", lambda a, hook: one_row_edit(a))])
+    assert logprob_gap(edited, want) <= TOL
+    assert logprob_gap(plain, ref.run_with_saes(second, [sae])) <= TOL
