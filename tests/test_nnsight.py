@@ -231,6 +231,19 @@ def test_nnsight_over_a_transformer_bridge(models, sae, tokens, compat):
     _, cache = hf.run_with_cache_with_saes(tokens, [z_sae], names=[])
     torch.testing.assert_close(latents, cache["blocks.0.attn.hook_z.hook_sae_acts_post"],
                                atol=1e-4, rtol=1e-4)
+
+    def edit(acts, hook=None):
+        acts[..., 2] = 4.0
+        return acts
+
+    with envoy.trace(tokens):  # an edit of the latents goes back through the conversion
+        edit(sb.splice(envoy, z_sae))
+        out = envoy.output.save()
+    with hf.saes([z_sae]):
+        want_edit = hf.run_with_hooks(tokens, fwd_hooks=[
+            ("blocks.0.attn.hook_z.hook_sae_acts_post", edit)])
+    assert same_logprobs(getattr(out, "logits", out), want_edit)
+    assert not same_logprobs(want_edit, hf.run_with_saes(tokens, [z_sae]))
     with pytest.raises(UnknownHookError, match="ln2's input"), envoy.trace(tokens):
         sb.splice(envoy, sae)
     with sb.trace(model, tokens) as t:
