@@ -15,6 +15,8 @@
 # - `sb.prepare_splice(lm, sae)` / `sb.prepare_steer(lm, hook, vector)` compiled before your
 #   own `with lm.trace(..., remote=True):`, whose body then names only data.
 #
+# (In a local trace, `sb.splice(lm, sae)` and `sb.steer(...)` are called in the body itself.)
+#
 # Here `remote="local"` stands in for `remote=True`: nnsight serialises the request exactly
 # as it would for the server, deserialises it with local modules hidden, and runs it on
 # this machine. We also measure what travels: the bytes of each request.
@@ -80,6 +82,33 @@ with lm.trace(tokens, remote=REMOTE):
 assert torch.equal(logits, local.run_with_saes(tokens, saes=[sae]))
 print(f"own trace: latents {tuple(latents.shape)}, "
       f"{int((latents > 0).sum(-1).max())} active per token (k={sae.cfg.k})")
+
+# %% [markdown]
+# On this machine, `sb.splice` inside your trace hands back latents you can edit in place,
+# dictionary_learning's idiom: the edit reaches the model (the same logits as SAELens's
+# `hook_sae_acts_post` hook). Edit before the body reads anything later in the model, as with
+# any nnsight edit. Remotely, prepared latents are a record of the run: edit there with
+# `sb.Ablate`/`sb.Clamp` in `sb.prepare`.
+
+# %%
+feature = int(latents[0, -1].argmax())
+with lm.trace(tokens):
+    handle = sb.splice(lm, sae)
+    handle[..., feature] = 0.0
+    edited = lm.output.logits.save()
+
+
+def zero_feature(acts, hook):
+    acts[..., feature] = 0.0
+    return acts
+
+
+with local.saes([sae]):
+    hooked = local.run_with_hooks(tokens, fwd_hooks=[
+        (f"{sae.cfg.hook_name}.hook_sae_acts_post", zero_feature)])
+assert torch.allclose(edited, hooked, atol=1e-5)
+print(f"feature {feature} zeroed in the trace: max |Δ logit| vs the plain splice "
+      f"{(edited - local.run_with_saes(tokens, saes=[sae])).abs().max():.3f}")
 
 # %% [markdown]
 # Interventions that must see each other's edits are compiled together with `sb.prepare`:
