@@ -41,6 +41,7 @@ from saebridge.hookmap.convert import (
     edit_keys,
     needs_tracker,
 )
+from saebridge.hookmap.site import Kind
 from saebridge.hookmap.space import CANONICAL, ActivationSpace
 from saebridge.interventions import Intervention, Observe, SiteContext, bypass_mask
 from saebridge.kernel import steps as S
@@ -308,6 +309,9 @@ class _Compiler:
                 "model's weights are on the meta device. Dispatch the model, or use an SAE "
                 f"trained in the model's own space ({a.space.name!r}).")
         return conv if conv.shift is None else conv._replace(shift=conv.shift.detach())
+
+    def kind(self, name: str) -> Kind:
+        return self.adapter.kind(name)
 
     def gain_bias(self, name: str, affine: str) -> tuple[Tensor, Tensor]:
         gain, bias = ln_gain_bias(self.stats, name, affine)

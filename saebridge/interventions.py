@@ -20,7 +20,7 @@ import torch
 from saebridge.errors import ArgumentTypeError, SAEConfigError
 from saebridge.hookmap.convert import RawStats
 from saebridge.hookmap.site import Kind
-from saebridge.hookmap.space import ActivationSpace
+from saebridge.hookmap.space import CANONICAL, ActivationSpace
 from saebridge.kernel import ops
 from saebridge.kernel import steps as S
 from saebridge.kernel.indexing import (
@@ -34,7 +34,7 @@ from saebridge.kernel.indexing import (
 )
 from saebridge.kernel.ops import SAE_HOOKS
 from saebridge.kernel.sae import SAEData
-from saebridge.kernel.spaces import Conv
+from saebridge.kernel.spaces import Conv, back
 from saebridge.sae.foreign import as_sae
 
 if TYPE_CHECKING:
@@ -83,6 +83,10 @@ class StepCompiler(Protocol):
 
     def conv(self, name: str, space: ActivationSpace) -> Conv:
         """The conversion at ``name`` to ``space`` as a constant (or a clear refusal)."""
+        ...
+
+    def kind(self, name: str) -> Kind:
+        """How processing changes the site ``name`` (the adapter's :meth:`kind`)."""
         ...
 
     def gain_bias(self, name: str, affine: str) -> tuple[Tensor, Tensor]:
@@ -252,10 +256,13 @@ class Clamp(_LatentEdit):
 class Steer:
     """Add ``coef * vector`` to the activation at ``hook`` (at ``positions``).
 
-    No space conversion is needed: at every site the activation spaces differ from the
-    native one by a shift, and a shift does not change what adding a vector does. (At the
-    residual stream the shift is the mean over d_model, and every reader of the stream
-    is a LayerNorm that removes it; at ``hook_z`` it is the value bias, a constant.)
+    The vector needs no space conversion: at every site the activation spaces differ from
+    the native one by a shift, and a shift does not change what adding a vector does. (At
+    the residual stream the shift is the mean over d_model, and every reader of the stream
+    is a LayerNorm that removes it; at ``hook_z`` it is the value bias, a constant.) One
+    site reads what is added differently: a LayerNorm's output (``ln*.hook_normalized``),
+    whose readers a ``fold_ln`` model centres. There the steer has the canonical (processed)
+    meaning on every backend: the vector's mean over d_model is dropped on unfolded ones too.
     """
 
     hook: str
@@ -296,14 +303,16 @@ class Steer:
                    positions=positions, head_index=sae.cfg.hook_head_index)
 
     def apply(self, x: Tensor, ctx: SiteContext) -> Tensor:
-        return add_vector(x, self.vector, self.coef, self.positions, self.head_index,
-                          self.hook)
+        new = add_vector(x, self.vector, self.coef, self.positions, self.head_index,
+                         self.hook)
+        return back(ctx.convert(CANONICAL, x), new, None) if ctx.kind == "normed" else new
 
     def step(self, c: StepCompiler) -> S.SteerStep:
         # A copy: a row of W_dec is a view, and pickling a view ships its whole storage.
         vector = self.vector.detach().clone(memory_format=torch.contiguous_format)
+        center = c.kind(self.hook) == "normed" and c.conv(self.hook, CANONICAL).center_writes
         return S.SteerStep(vector, float(self.coef), _positions(self.positions),
-                           self.head_index)
+                           self.head_index, center)
 
 
 @dataclass

@@ -87,3 +87,20 @@ def test_an_unfolded_space_sae_writing_into_a_folded_model_is_refused(models, na
     assert logprob_gap(same, clean) <= TOL
     _, cache = model.run_with_cache_with_saes(TOKENS, [sae], use_error_term=True, names=[])
     assert f"{hook}.hook_sae_acts_post" in cache
+
+
+def test_a_steer_there_counts_as_in_the_processed_model_also_compiled(models, processed):
+    """A steer has the canonical meaning at a LayerNorm output: its mean is dropped on
+    unfolded backends too, in local runs, in a user's trace and in remote requests."""
+    hook = "blocks.1.ln2.hook_normalized"
+    vector = torch.linspace(-1.0, 2.0, 64)
+    want = run_reference(processed, None, [(hook, lambda x, hook: x + 3.0 * vector)])
+    local, lm = models("hf"), models("nnsight-hf").adapter.envoy
+    steer = sb.Steer(hook, vector, 3.0)
+    assert logprob_gap(local.run_with_interventions(TOKENS, [steer]), want) <= TOL
+    remote = sb.wrap(lm, remote="local").run_with_interventions(TOKENS, [steer])
+    assert logprob_gap(remote, want) <= TOL
+    with lm.trace(TOKENS):
+        sb.steer(lm, hook, vector, 3.0)
+        logits = lm.output.logits.save()
+    assert logprob_gap(logits, want) <= TOL

@@ -17,7 +17,7 @@ import torch
 from saebridge.kernel.indexing import Positions, add_vector
 from saebridge.kernel.ops import edit_latents, splice, transcoder_read, transcoder_write
 from saebridge.kernel.sae import SAEData
-from saebridge.kernel.spaces import Conv, forward, resolve, track
+from saebridge.kernel.spaces import Conv, back, forward, resolve, track
 
 Tensor = torch.Tensor
 
@@ -58,15 +58,18 @@ class EditStep(NamedTuple):
 
 
 class SteerStep(NamedTuple):
-    """``coef * vector`` added at ``positions`` (of head ``head``)."""
+    """``coef * vector`` added at ``positions`` (of head ``head``); with ``center``, the
+    result written back mean-free (a LayerNorm output whose folded readers drop the mean)."""
 
     vector: Tensor
     coef: float
     positions: Positions
     head: int | None
+    center: bool = False
 
     def run(self, x: Tensor, site: Any) -> Tensor:
-        return add_vector(x, self.vector, self.coef, self.positions, self.head, site.name)
+        new = add_vector(x, self.vector, self.coef, self.positions, self.head, site.name)
+        return back(Conv(center_writes=True), new, None) if self.center else new
 
 
 class CacheStep(NamedTuple):

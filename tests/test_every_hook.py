@@ -1,9 +1,10 @@
-"""A splice at every writable hook of each tiny architecture (embeddings, block 1, the final
-norm), for an SAE of each activation space, gives HF's log-probs on every backend; or, where no
-conversion can exist, is refused on exactly the backends that cannot carry it (an
-unfolded SAE writing at a LayerNorm output of a ``fold_ln`` model, see
-``test_spaces_normed.py``). The property tests (``test_parity.py``) sample seven sites;
-this sweep leaves none out, which is how the LayerNorm-output writes were found to differ."""
+"""Every writable hook of each tiny architecture (embeddings, block 1, the final norm), on
+every backend, gives HF's log-probs under each kind of write: a splice of an SAE of each
+activation space, a TransformerLens hook function, a steer. Where no conversion can exist
+the splice is refused on exactly the backends that cannot carry it (an unfolded SAE
+writing at a LayerNorm output of a ``fold_ln`` model, see ``test_spaces_normed.py``). The
+property tests (``test_parity.py``) sample seven sites; this sweep leaves none out, which
+is how the LayerNorm-output writes were found to differ."""
 
 from __future__ import annotations
 
@@ -46,3 +47,23 @@ def test_a_splice_at_every_writable_hook_agrees(arch_models, family, backend, sp
         assert_same_logprobs(model.run_with_saes(TOKENS, [sae]),
                              ref.run_with_saes(TOKENS, [sae]),
                              f"{family} {backend.name} at {name}")
+
+
+def test_a_hook_function_and_a_steer_at_every_writable_hook_agree(arch_models, family,
+                                                                   backend):
+    ref = arch_models(family, "hf", backend.device)
+    model = arch_models(family, backend.name, backend.device)
+    for name in writable_hooks(ref):
+        x = ref.run_with_cache(TOKENS[:1], names=[name])[1][name]
+        vector = torch.linspace(-0.5, 1.5, x.shape[-1], device=backend.device)  # a mean
+
+        def fn(act, hook, vector=vector):
+            return 1.3 * act + vector
+
+        steer = sb.Steer(name, vector, 3.0, head_index=1 if x.dim() == 4 else None)
+        for what, run in (("hook function", lambda m, name=name, fn=fn: m.run_with_hooks(
+                              TOKENS, fwd_hooks=[(name, fn)])),
+                          ("steer", lambda m, steer=steer: m.run_with_interventions(
+                              TOKENS, [steer]))):
+            assert_same_logprobs(run(model), run(ref),
+                                 f"{what}: {family} {backend.name} at {name}")
