@@ -1,7 +1,8 @@
 """Every writable hook of each tiny architecture (embeddings, block 1, the final norm), on
 every backend, gives HF's log-probs under each kind of write: a splice of an SAE of each
-activation space, a TransformerLens hook function, a steer. Where no conversion can exist
-the splice is refused on exactly the backends that cannot carry it (an unfolded SAE
+activation space, a TransformerLens hook function, an ``sb.trace`` write, a steer. Where
+no conversion can exist the splice is refused on exactly the backends that cannot carry
+it (an unfolded SAE
 writing at a LayerNorm output of a ``fold_ln`` model, see ``test_spaces_normed.py``). The
 property tests (``test_parity.py``) sample seven sites; this sweep leaves none out, which
 is how the LayerNorm-output writes were found to differ."""
@@ -49,8 +50,8 @@ def test_a_splice_at_every_writable_hook_agrees(arch_models, family, backend, sp
                              f"{family} {backend.name} at {name}")
 
 
-def test_a_hook_function_and_a_steer_at_every_writable_hook_agree(arch_models, family,
-                                                                   backend):
+def test_a_hook_function_a_trace_write_and_a_steer_at_every_writable_hook_agree(
+        arch_models, family, backend):
     ref = arch_models(family, "hf", backend.device)
     model = arch_models(family, backend.name, backend.device)
     for name in writable_hooks(ref):
@@ -60,9 +61,15 @@ def test_a_hook_function_and_a_steer_at_every_writable_hook_agree(arch_models, f
         def fn(act, hook, vector=vector):
             return 1.3 * act + vector
 
+        def traced(m, name=name, fn=fn):
+            with sb.trace(m, TOKENS) as t:
+                t[name] = fn(t[name], None)
+            return t.logits
+
         steer = sb.Steer(name, vector, 3.0, head_index=1 if x.dim() == 4 else None)
         for what, run in (("hook function", lambda m, name=name, fn=fn: m.run_with_hooks(
                               TOKENS, fwd_hooks=[(name, fn)])),
+                          ("sb.trace write", traced),
                           ("steer", lambda m, steer=steer: m.run_with_interventions(
                               TOKENS, [steer]))):
             assert_same_logprobs(run(model), run(ref),
