@@ -2,10 +2,10 @@
 every backend, gives HF's log-probs under each kind of write: a splice of an SAE of each
 activation space, a TransformerLens hook function, an ``sb.trace`` write, a steer. Where
 no conversion can exist the splice is refused on exactly the backends that cannot carry
-it (an unfolded SAE
-writing at a LayerNorm output of a ``fold_ln`` model, see ``test_spaces_normed.py``). The
-property tests (``test_parity.py``) sample seven sites; this sweep leaves none out, which
-is how the LayerNorm-output writes were found to differ."""
+it (an unfolded SAE writing at a LayerNorm output of a ``fold_ln`` model, see
+``test_spaces_normed.py``). The property tests (``test_parity.py``) sample seven sites;
+this sweep leaves none out, which is how the LayerNorm-output writes were found to
+differ."""
 
 from __future__ import annotations
 
