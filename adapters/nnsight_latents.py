@@ -8,7 +8,8 @@ until the trace body asks for anything else. nnsight flushes a pending write-bac
 moment (``nnsight.intervention.eproperty.WriteBack``, how its own reshaped views go back
 to the model); ours adds what the edit changed in the reconstruction,
 ``recons(edited) - recons(latents)`` (:func:`saebridge.kernel.ops.latent_delta`), to the
-value written there. Unedited latents leave that value as it is, bit for bit.
+value written there. Unedited latents leave that value as it is, bit for bit; gradients
+of later values reach the latents either way (attribution through edited latents).
 
 Edit them before the body reads anything later in the model: then the model has moved on,
 as after any nnsight edit. Local traces only: a remote body cannot name saebridge, and
@@ -47,10 +48,11 @@ def splice(model: Any, sae: SAE, use_error_term: bool = False) -> Tensor:
     latents = prepared.store[prepared.result]
     if written is not None:
         data = sae.data()
+        data = data._replace(params={k: v.detach() for k, v in data.params.items()})
         site = data.spec.hook_name_out or data.spec.hook_name
         sae_input = prepared.store[f"{data.spec.hook_name}.hook_sae_input"]
-        _bind(root, prepared.visits[-1], site, written,
-              partial(_native_delta, data, sae_input, latents.clone(), latents))
+        _bind(root, prepared.visits[-1], site, written, partial(
+            _native_delta, data, sae_input, latents.clone(), latents._version, latents))
     return latents
 
 
@@ -91,11 +93,14 @@ def _edited(envoy: Any, loc: Location, conv: Conv, side: str, written: Any, delt
     return pack(side, written, items, kwargs)
 
 
-def _native_delta(sae: SAEData, sae_input: Tensor, before: Tensor, latents: Tensor,
-                  loc: Location, conv: Conv, t: Tensor, norm: Any) -> Tensor | None:
+def _native_delta(sae: SAEData, sae_input: Tensor, before: Tensor, version: int,
+                  latents: Tensor, loc: Location, conv: Conv, t: Tensor, norm: Any
+                  ) -> Tensor | None:
     """What editing ``before`` into ``latents`` adds to ``t``, the native tensor holding
-    the SAE's site (None when they are equal)."""
-    if torch.equal(latents, before):
+    the SAE's site; None when ``latents`` were not edited in place (still at ``version``).
+    An edit that changed no value still goes through the change (zero), so gradients reach
+    the edited latents."""
+    if latents._version == version:
         return None
     flat = latent_delta(sae, sae_input, before, latents)
     site = read(loc.layout, t, loc.n_heads, loc.d_head, norm)

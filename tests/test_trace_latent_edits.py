@@ -112,6 +112,33 @@ def test_the_edit_equals_dictionary_learnings_write_back_by_hand(models):
     assert logprob_gap(traced(lm, sae), by_hand) <= TOL
 
 
+@pytest.mark.parametrize("how", ["edited", "edited to the same values", "unedited"])
+def test_gradients_reach_the_latents_as_by_hand(models, how):
+    """Attribution through the latents: d(loss)/d(latents) equals dictionary_learning's
+    by-hand write-back, edited or not (an in-place edit that changes no value included)."""
+    lm = models("nnsight-hf").adapter.envoy
+    sae = sb.SAE.random("topk", 64, 48, "blocks.1.hook_resid_pre", k=6, seed=8,
+                        activation_space="hf")
+    change = {"edited": edit, "edited to the same values": lambda a: a.mul_(1.0),
+              "unedited": lambda a: None}[how]
+    with lm.trace(TOKENS):
+        block = lm.transformer.h[1]
+        args, kwargs = block.inputs
+        by_hand = sae.encode(args[0])
+        change(by_hand)
+        block.inputs = ((sae.decode(by_hand), *args[1:]), kwargs)
+        by_hand, want = by_hand.save(), lm.output.logits.save()
+    with lm.trace(TOKENS):
+        latents = sb.splice(lm, sae)
+        change(latents)
+        latents, got = latents.save(), lm.output.logits.save()
+    assert logprob_gap(got, want) <= TOL
+    grads = [torch.autograd.grad(logits[:, -1].logsumexp(-1).sum(), acts)[0]
+             for logits, acts in ((got, latents), (want, by_hand))]
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
 def test_a_transcoders_latents_edit_its_output_site(models):
     lm, ref = models("nnsight-hf").adapter.envoy, models("hf")
     tc = Transcoder.random("topk", 64, 96, 64, "blocks.0.hook_resid_mid",
