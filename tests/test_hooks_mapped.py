@@ -175,6 +175,29 @@ def test_a_write_at_hook_mlp_in_feeds_only_the_mlp_as_in_transformer_lens(family
     assert not torch.allclose(clean["blocks.0.hook_mlp_out"], got["blocks.0.hook_mlp_out"])
 
 
+@pytest.mark.parametrize("family", ["neox", "gemma2"])
+def test_hook_mlp_in_writes_in_parallel_and_sandwich_blocks(family):
+    """NeoX's MLP reads the block input beside attention; Gemma-2's reads its own
+    pre-feedforward norm: an edit at ``hook_mlp_in`` still reaches only the MLP, as in
+    TransformerLens with ``use_hook_mlp_in``."""
+    hf, tok, _ = built(family)
+    vector = torch.linspace(-1.0, 3.0, hf.config.hidden_size)
+    hooks = [("blocks.0.hook_mlp_in", lambda x, hook: 1.5 * x + vector)]
+    names = ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_pre"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tl = from_hf(hf, tokenizer=tok)
+    tl.set_use_hook_mlp_in(True)
+    with tl.hooks(fwd_hooks=hooks):
+        want_logits, want = tl.run_with_cache(TOKENS, names_filter=names)
+    model = wrapped(family, "hf-eager")
+    with model.hooks(fwd_hooks=hooks):
+        logits, got = model.run_with_cache(TOKENS, names=names)
+    for name in names:
+        torch.testing.assert_close(got[name], want[name], atol=5e-5, rtol=1e-4, msg=name)
+    assert (logits.log_softmax(-1) - want_logits.log_softmax(-1)).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("space", ["tl-processed", "hf"])
 @pytest.mark.parametrize("where", ("hf-sdpa", "nnsight-hf"))
 def test_an_sae_spliced_at_hook_mlp_in_equals_transformer_lens(where, space):
