@@ -200,8 +200,9 @@ def test_hook_mlp_in_writes_in_parallel_and_sandwich_blocks(family):
 
 @pytest.mark.parametrize("space", ["tl-processed", "hf"])
 @pytest.mark.parametrize("where", ("hf-sdpa", "nnsight-hf"))
-def test_an_sae_spliced_at_hook_mlp_in_equals_transformer_lens(where, space):
-    hf, tok, _ = built("gpt2")
+@pytest.mark.parametrize("family", ["gpt2", "neox"])  # neox: the MLP reads the block input
+def test_an_sae_spliced_at_hook_mlp_in_equals_transformer_lens(family, where, space):
+    hf, tok, _ = built(family)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tl = from_hf(copy.deepcopy(hf), tokenizer=tok)
@@ -211,7 +212,7 @@ def test_an_sae_spliced_at_hook_mlp_in_equals_transformer_lens(where, space):
     steer = sb.Steer("blocks.0.hook_resid_post", torch.linspace(0.0, 2.0, 64))  # a mean
     ops = [steer, sb.Splice(sae)]
     want = sb.wrap(tl).run_with_interventions(TOKENS, ops)
-    got = wrapped("gpt2", where).run_with_interventions(TOKENS, ops)
+    got = wrapped(family, where).run_with_interventions(TOKENS, ops)
     gap = (got.log_softmax(-1) - want.log_softmax(-1)).abs().max()
     assert gap < 1e-4
     assert (want.log_softmax(-1) - sb.wrap(tl)(TOKENS).log_softmax(-1)).abs().max() > 1e-2
