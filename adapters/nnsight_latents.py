@@ -25,12 +25,12 @@ from typing import Any
 import torch
 
 from saebridge.adapters.nnsight_plan import envoy_of, prepare_splice
-from saebridge.adapters.nnsight_remote import Visit, pack, slot_of, unpack, visit
+from saebridge.adapters.nnsight_remote import Visit, pack, put, slot_of, take, unpack, visit
 from saebridge.kernel.indexing import put_head
 from saebridge.kernel.layout import Location, read, write
 from saebridge.kernel.ops import latent_delta
 from saebridge.kernel.sae import SAEData
-from saebridge.kernel.spaces import IDENTITY, Conv, back
+from saebridge.kernel.spaces import Conv, back
 from saebridge.sae import SAE
 
 Tensor = torch.Tensor
@@ -47,18 +47,18 @@ def splice(model: Any, sae: SAE, use_error_term: bool = False) -> Tensor:
         written = visit(root, v, stash)
     latents = prepared.store[prepared.result]
     if written is not None:
-        data = sae.data()
-        data = data._replace(params={k: v.detach() for k, v in data.params.items()})
-        site = data.spec.hook_name_out or data.spec.hook_name
-        sae_input = prepared.store[f"{data.spec.hook_name}.hook_sae_input"]
-        _bind(root, prepared.visits[-1], site, written, partial(
-            _native_delta, data, sae_input, latents.clone(), latents._version, latents))
+        sae_input = prepared.store[f"{sae.cfg.hook_name}.hook_sae_input"]
+        _bind(root, prepared.visits[-1], getattr(sae.cfg, "hook_name_out", sae.cfg.hook_name),
+              written, partial(_native_delta, sae_input, latents.clone(), latents._version,
+                               latents))
     return latents
 
 
 def _bind(root: Any, v: Visit, site: str, written: Any, delta: Any) -> None:
     """Have nnsight swap ``written`` plus the edit's ``delta`` in at ``v``'s location when
-    the body next moves on (``written`` itself when nothing was edited)."""
+    the body next moves on (``written`` itself when nothing was edited). ``site`` names the
+    view whose last step wrote the reconstruction: its SAE data and conversion are the
+    compiled ones."""
     try:
         from nnsight.intervention.eproperty import WriteBack
         from nnsight.intervention.interleaver import Mediator
@@ -69,32 +69,29 @@ def _bind(root: Any, v: Visit, site: str, written: Any, delta: Any) -> None:
             "model. Upgrade nnsight, or edit with sb.Ablate/sb.Clamp.", stacklevel=3)
         return
     envoy = root.get(v.path) if v.path else root
-    view = next(view for view in v.views if getattr(view.fn, "name", site) == site)
-    conv = getattr(view.fn.steps[-1], "conv", IDENTITY)  # the splice's (or its write's)
+    view = next(view for view in v.views if view.fn.name == site)
+    step = view.fn.steps[-1]  # the SpliceStep (a transcoder's WriteStep)
     location = f"{envoy.path}.{v.side}"
     mediator = Mediator.current(location)
-    fn = partial(_edited, envoy, view.location, conv, v.side, written, delta)
+    fn = partial(_edited, envoy, view.location, step.sae, step.conv, v.side, written, delta)
     mediator.transform = WriteBack(fn, None, None, location, mediator.wanted(location))
 
 
-def _edited(envoy: Any, loc: Location, conv: Conv, side: str, written: Any, delta: Any
-            ) -> Any:
+def _edited(envoy: Any, loc: Location, sae: SAEData, conv: Conv, side: str, written: Any,
+            delta: Any) -> Any:
     """``written`` with the edit's change added to ``loc``'s tensor in it."""
     items, kwargs = unpack(side, written)
     slot = slot_of(loc, side, items)
-    t = kwargs[slot] if isinstance(slot, str) else items[slot]
-    change = delta(loc, conv, t, envoy)
+    t = take(items, kwargs, slot)
+    change = delta(sae, loc, conv, t, envoy)
     if change is None:
         return written
-    if isinstance(slot, str):
-        kwargs[slot] = t + change
-    else:
-        items[slot] = t + change
+    put(items, kwargs, slot, t + change)
     return pack(side, written, items, kwargs)
 
 
-def _native_delta(sae: SAEData, sae_input: Tensor, before: Tensor, version: int,
-                  latents: Tensor, loc: Location, conv: Conv, t: Tensor, norm: Any
+def _native_delta(sae_input: Tensor, before: Tensor, version: int, latents: Tensor,
+                  sae: SAEData, loc: Location, conv: Conv, t: Tensor, norm: Any
                   ) -> Tensor | None:
     """What editing ``before`` into ``latents`` adds to ``t``, the native tensor holding
     the SAE's site; None when ``latents`` were not edited in place (still at ``version``).

@@ -117,15 +117,11 @@ def visit(root: Any, v: Visit, stash: dict[str, Tensor]) -> Any:
     changed = False
     for loc, fn in v.views:
         slot = slot_of(loc, v.side, items)
-        t = kwargs[slot] if isinstance(slot, str) else items[slot]
         residual = stash[loc.residual] if loc.residual is not None else None
-        new = apply_at(loc, t, fn, residual, envoy)
+        new = apply_at(loc, take(items, kwargs, slot), fn, residual, envoy)
         if new is None:
             continue
-        if isinstance(slot, str):
-            kwargs[slot] = new
-        else:
-            items[slot] = new
+        put(items, kwargs, slot, new)
         changed = True
     if v.stash is not None:
         stash[v.path] = items[0] if items else kwargs[v.stash]
@@ -160,6 +156,19 @@ def slot_of(loc: Location, side: str, items: list) -> int | str:
     if side == "output":
         return loc.index or 0
     return loc.arg if len(items) > loc.arg else loc.kwarg  # type: ignore[return-value]
+
+
+def take(items: list, kwargs: dict, slot: int | str) -> Tensor:
+    """The tensor at ``slot`` (:func:`slot_of`) of an unpacked value."""
+    return kwargs[slot] if isinstance(slot, str) else items[slot]
+
+
+def put(items: list, kwargs: dict, slot: int | str, value: Tensor) -> None:
+    """Replace the tensor at ``slot`` of an unpacked value."""
+    if isinstance(slot, str):
+        kwargs[slot] = value
+    else:
+        items[slot] = value
 
 
 class Prepared:

@@ -142,12 +142,29 @@ def test_computed_hooks_are_read_only():
             model.run_with_interventions(TOKENS, [sb.Steer(name, torch.ones(width))])
 
 
+def with_mlp_in(family: str):
+    """A processed HookedTransformer of ``family`` with ``use_hook_mlp_in`` set."""
+    hf, tok, _ = built(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tl = from_hf(hf, tokenizer=tok)  # copies the weights: hf is left as it is
+    tl.set_use_hook_mlp_in(True)
+    return tl
+
+
+def cache_under(model, hooks: list, names: list[str]) -> tuple:
+    """``(logits, cache of names)`` with ``hooks`` on, in TransformerLens's spelling (a
+    HookedTransformer or a wrapped model alike)."""
+    with model.hooks(fwd_hooks=hooks):
+        return model.run_with_cache(TOKENS, names_filter=names)
+
+
 @pytest.mark.parametrize("where", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_write_at_hook_mlp_in_feeds_only_the_mlp_as_in_transformer_lens(family, where):
     """``hook_mlp_in`` is the MLP's own copy of the stream (TransformerLens's
     ``use_hook_mlp_in``): an edit there changes the MLP's input, not the residual."""
-    hf, tok, _ = built(family)
+    hf, _, _ = built(family)
     d = hf.config.hidden_size
     vector = torch.linspace(-1.0, 3.0, d)
 
@@ -156,15 +173,9 @@ def test_a_write_at_hook_mlp_in_feeds_only_the_mlp_as_in_transformer_lens(family
 
     hooks = [("blocks.0.hook_mlp_in", edit)]
     names = ["blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", "blocks.1.hook_resid_pre"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tl = from_hf(hf, tokenizer=tok)
-    tl.set_use_hook_mlp_in(True)
-    with tl.hooks(fwd_hooks=hooks):
-        want_logits, want = tl.run_with_cache(TOKENS, names_filter=names)
+    want_logits, want = cache_under(with_mlp_in(family), hooks, names)
     model = wrapped(family, where)
-    with model.hooks(fwd_hooks=hooks):
-        logits, got = model.run_with_cache(TOKENS, names=names)
+    logits, got = cache_under(model, hooks, names)
     for name in names:
         if where == "bridge" and name.endswith("resid_mid"):
             continue  # the bridge's own hook_resid_mid is ln2's input: it sees the edit too
@@ -180,19 +191,12 @@ def test_hook_mlp_in_writes_in_parallel_and_sandwich_blocks(family):
     """NeoX's MLP reads the block input beside attention; Gemma-2's reads its own
     pre-feedforward norm: an edit at ``hook_mlp_in`` still reaches only the MLP, as in
     TransformerLens with ``use_hook_mlp_in``."""
-    hf, tok, _ = built(family)
+    hf, _, _ = built(family)
     vector = torch.linspace(-1.0, 3.0, hf.config.hidden_size)
     hooks = [("blocks.0.hook_mlp_in", lambda x, hook: 1.5 * x + vector)]
     names = ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_pre"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tl = from_hf(hf, tokenizer=tok)
-    tl.set_use_hook_mlp_in(True)
-    with tl.hooks(fwd_hooks=hooks):
-        want_logits, want = tl.run_with_cache(TOKENS, names_filter=names)
-    model = wrapped(family, "hf-eager")
-    with model.hooks(fwd_hooks=hooks):
-        logits, got = model.run_with_cache(TOKENS, names=names)
+    want_logits, want = cache_under(with_mlp_in(family), hooks, names)
+    logits, got = cache_under(wrapped(family, "hf-eager"), hooks, names)
     for name in names:
         torch.testing.assert_close(got[name], want[name], atol=5e-5, rtol=1e-4, msg=name)
     assert (logits.log_softmax(-1) - want_logits.log_softmax(-1)).abs().max() < 1e-4
@@ -202,11 +206,8 @@ def test_hook_mlp_in_writes_in_parallel_and_sandwich_blocks(family):
 @pytest.mark.parametrize("where", ("hf-sdpa", "nnsight-hf"))
 @pytest.mark.parametrize("family", ["gpt2", "neox"])  # neox: the MLP reads the block input
 def test_an_sae_spliced_at_hook_mlp_in_equals_transformer_lens(family, where, space):
-    hf, tok, _ = built(family)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tl = from_hf(copy.deepcopy(hf), tokenizer=tok)
-    tl.set_use_hook_mlp_in(True)
+    hf, _, _ = built(family)
+    tl = with_mlp_in(family)
     sae = sb.SAE.random("topk", hf.config.hidden_size, 48, "blocks.1.hook_mlp_in", k=6, seed=3,
                         activation_space=space)
     steer = sb.Steer("blocks.0.hook_resid_post", torch.linspace(0.0, 2.0, 64))  # a mean

@@ -97,19 +97,26 @@ def test_edits_of_two_splices_both_reach_the_model(models):
     assert logprob_gap(got, want) <= TOL
 
 
+def by_hand(lm, sae: sb.SAE, change) -> tuple[torch.Tensor, torch.Tensor]:
+    """dictionary_learning's idiom at ``blocks.1.hook_resid_pre`` (the block's input):
+    ``f = ae.encode(x); change(f); x = ae.decode(f)``; the latents and the logits."""
+    with lm.trace(TOKENS):
+        block = lm.transformer.h[1]
+        args, kwargs = block.inputs
+        latents = sae.encode(args[0])
+        change(latents)
+        block.inputs = ((sae.decode(latents), *args[1:]), kwargs)
+        latents, logits = latents.save(), lm.output.logits.save()
+    return latents, logits
+
+
 def test_the_edit_equals_dictionary_learnings_write_back_by_hand(models):
     """``f = ae.encode(x); f[...] = …; submodule.output = ae.decode(f)``, written out."""
     lm = models("nnsight-hf").adapter.envoy
     sae = sb.SAE.random("topk", 64, 48, "blocks.1.hook_resid_pre", k=6, seed=8,
                         activation_space="hf")
-    with lm.trace(TOKENS):
-        block = lm.transformer.h[1]
-        args, kwargs = block.inputs
-        latents = sae.encode(args[0])
-        edit(latents)
-        block.inputs = ((sae.decode(latents), *args[1:]), kwargs)
-        by_hand = lm.output.logits.save()
-    assert logprob_gap(traced(lm, sae), by_hand) <= TOL
+    _, want = by_hand(lm, sae, edit)
+    assert logprob_gap(traced(lm, sae), want) <= TOL
 
 
 @pytest.mark.parametrize("how", ["edited", "edited to the same values", "unedited"])
@@ -121,20 +128,14 @@ def test_gradients_reach_the_latents_as_by_hand(models, how):
                         activation_space="hf")
     change = {"edited": edit, "edited to the same values": lambda a: a.mul_(1.0),
               "unedited": lambda a: None}[how]
-    with lm.trace(TOKENS):
-        block = lm.transformer.h[1]
-        args, kwargs = block.inputs
-        by_hand = sae.encode(args[0])
-        change(by_hand)
-        block.inputs = ((sae.decode(by_hand), *args[1:]), kwargs)
-        by_hand, want = by_hand.save(), lm.output.logits.save()
+    written, want = by_hand(lm, sae, change)
     with lm.trace(TOKENS):
         latents = sb.splice(lm, sae)
         change(latents)
         latents, got = latents.save(), lm.output.logits.save()
     assert logprob_gap(got, want) <= TOL
     grads = [torch.autograd.grad(logits[:, -1].logsumexp(-1).sum(), acts)[0]
-             for logits, acts in ((got, latents), (want, by_hand))]
+             for logits, acts in ((got, latents), (want, written))]
     assert grads[1].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 

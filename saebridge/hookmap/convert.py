@@ -88,6 +88,13 @@ EDITS = "edits:"
 """Prefix of the per-forward sums of what edits wrote (see :func:`edit_keys`)."""
 
 
+def stream_key(name: str, kind: Kind) -> str:
+    """The key of the stream a ``resid``/``write`` site's value lives in: the written site
+    itself (``hook_attn_out``), else the residual stream. A centring read there adds back
+    the mean edits wrote under it."""
+    return EDITS + (name if kind == "write" else "resid")
+
+
 def edit_keys(name: str, kind: Kind) -> tuple[str, ...]:
     """The streams an edit at hook ``name`` writes into, as keys of a run's state under which
     :func:`saebridge.kernel.spaces.track` sums the mean it wrote: the residual stream (and,
@@ -98,9 +105,9 @@ def edit_keys(name: str, kind: Kind) -> tuple[str, ...]:
     if name.endswith("hook_mlp_in"):
         return ()
     if kind == "resid":
-        return (EDITS + "resid",)
+        return (stream_key(name, kind),)
     if kind == "write":
-        return (EDITS + name, EDITS + "resid")
+        return (stream_key(name, kind), EDITS + "resid")
     return ()
 
 
@@ -131,7 +138,7 @@ def conversion(
                 return IDENTITY
             # What the centred model holds here: its writers are mean-free, but edits keep
             # the mean they wrote (as in SAELens on a processed TransformerLens model).
-            return Conv(center=True, acc=EDITS + (name if kind == "write" else "resid"))
+            return Conv(center=True, acc=stream_key(name, kind))
         if not src.center_writing_weights:
             return IDENTITY
         if tracker is None:
@@ -149,8 +156,9 @@ def conversion(
         return Conv(shift=shift) if isinstance(shift, Tensor) else IDENTITY
     if kind == "normed" and dst.fold_ln and not src.fold_ln:
         # A folded model reads a LayerNorm's output through centred weights: what is
-        # written there counts without its mean (the reverse, a folded model with an
-        # unfolded SAE, cannot keep the mean at this site and is left as the model does).
+        # written there counts without its mean. The reverse (an unfolded SAE writing into
+        # a folded model) cannot keep the mean at this site: the engine refuses those
+        # writes (saebridge.engine.check); reads are the same in both spaces.
         return Conv(center_writes=True)
     return IDENTITY
 
