@@ -32,6 +32,7 @@ from saebridge.kernel.ops import latent_delta
 from saebridge.kernel.sae import SAEData
 from saebridge.kernel.spaces import Conv, back
 from saebridge.sae import SAE
+from saebridge.sae.foreign import as_sae
 
 Tensor = torch.Tensor
 
@@ -47,8 +48,9 @@ def splice(model: Any, sae: SAE, use_error_term: bool = False) -> Tensor:
         written = visit(root, v, stash)
     latents = prepared.store[prepared.result]
     if written is not None:
-        sae_input = prepared.store[f"{sae.cfg.hook_name}.hook_sae_input"]
-        _bind(root, prepared.visits[-1], getattr(sae.cfg, "hook_name_out", sae.cfg.hook_name),
+        cfg = as_sae(sae).cfg  # the conversion Splice made (cached per object)
+        sae_input = prepared.store[f"{cfg.hook_name}.hook_sae_input"]
+        _bind(root, prepared.visits[-1], getattr(cfg, "hook_name_out", cfg.hook_name),
               written, partial(_native_delta, sae_input, latents.clone(), latents._version,
                                latents))
     return latents

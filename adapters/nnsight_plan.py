@@ -169,8 +169,8 @@ def prepare_splice(model: Any, sae: SAE, use_error_term: bool = False) -> Prepar
     output), as data: call the result with the model inside its trace (locally or
     remotely); it returns the latents."""
     adapter = in_trace_adapter(model)
-    return _prepare(adapter, expand([Splice(sae, use_error_term)]),
-                    f"{sae.cfg.hook_name}.hook_sae_acts_post")
+    splice = Splice(sae, use_error_term)  # a SAELens/dictionary_learning/sparsify object too
+    return _prepare(adapter, expand([splice]), f"{splice.hook}.hook_sae_acts_post")
 
 
 def prepare(model: Any, interventions: list[Intervention]) -> Prepared:

@@ -11,6 +11,7 @@ import torch
 import saebridge as sb
 from saebridge.sae.blockdiag import block_diagonal
 from saebridge.sae.transcoder import Transcoder
+from tests.oracle import HAS_SAELENS, saelens_sae
 from tests.parity import logprob_gap
 
 TOL = 1e-4
@@ -212,3 +213,15 @@ def test_edits_in_batched_invokes_reach_only_their_rows(models):
             (f"{sae.cfg.hook_name}.hook_sae_acts_post", lambda a, hook: one_row_edit(a))])
     assert logprob_gap(edited, want) <= TOL
     assert logprob_gap(plain, ref.run_with_saes(second, [sae])) <= TOL
+
+
+@pytest.mark.skipif(not HAS_SAELENS, reason="passes SAELens's own SAE object")
+def test_a_saelens_sae_object_splices_and_edits_like_its_conversion(models):
+    lm = models("nnsight-hf").adapter.envoy
+    sae = SAES["resid_pre topk"]
+    got = traced(lm, saelens_sae(sae))
+    assert torch.equal(got, traced(lm, sae))
+    splicer = sb.prepare_splice(lm, saelens_sae(sae))
+    with lm.trace(TOKENS):
+        latents = splicer(lm).save()
+    assert latents.shape[-1] == sae.cfg.d_sae
